@@ -1,0 +1,591 @@
+"""The state database: where each sync stands, what was pushed, and what could not be.
+
+SQLite by default (WAL, busy timeout), PostgreSQL for scale-out. The schema is owned by
+Alembic (`migrations/`); the tables below mirror it for SQLAlchemy Core queries. Every write
+that moves a sync forward (watermark, digests, push rows, dead-letter resolution) happens in
+one transaction, fenced by the sync's lease, so a crash or a lost lease never leaves the
+watermark ahead of what the API acknowledged.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from importlib import resources
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+
+__all__ = [
+    "Cursor",
+    "DeadLetter",
+    "LeaseLost",
+    "PushRecord",
+    "StateStore",
+    "SyncStatus",
+    "SYNC_STATES",
+]
+
+SYNC_STATES = ("ok", "failing", "auth_error", "paused", "never_run")
+
+metadata = sa.MetaData()
+
+syncs_table = sa.Table(
+    "syncs",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("watermark", sa.Text),  # typed JSON, see encode_value
+    sa.Column("watermark_key", sa.Text),
+    sa.Column("last_run_at", sa.DateTime(timezone=True)),
+    sa.Column("last_success_at", sa.DateTime(timezone=True)),
+    sa.Column("last_error", sa.Text),
+    sa.Column("records_sent", sa.BigInteger, nullable=False),
+    sa.Column("backlog", sa.BigInteger),
+    sa.Column("owner", sa.String(200)),
+    sa.Column("lease_until", sa.DateTime(timezone=True)),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+pushes_table = sa.Table(
+    "pushes",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("sync", sa.String(64), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("sent_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("record_count", sa.Integer, nullable=False),
+    sa.Column("http_status", sa.Integer),
+    sa.Column("api_code", sa.Integer),
+    sa.Column("description", sa.Text),
+    sa.Column("trans_id", sa.String(100)),
+    sa.Column("correlation_id", sa.String(100)),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("duration_ms", sa.Float, nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Index("ix_pushes_sync_sent_at", "sync", "sent_at"),
+)
+
+digests_table = sa.Table(
+    "digests",
+    metadata,
+    sa.Column("sync", sa.String(64), primary_key=True),
+    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("digest", sa.LargeBinary(16), nullable=False),
+)
+
+dead_letters_table = sa.Table(
+    "dead_letters",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("sync", sa.String(64), nullable=False),
+    sa.Column("key", sa.String(255), nullable=False),
+    sa.Column("payload", sa.Text),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("http_status", sa.Integer),
+    sa.Column("api_code", sa.Integer),
+    sa.Column("first_seen", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_seen", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("resolved_at", sa.DateTime(timezone=True)),
+    sa.Column("resolution", sa.String(16)),  # delivered | discarded
+    sa.Index("ix_dead_letters_sync_key", "sync", "key"),
+)
+
+
+class LeaseLost(Exception):
+    """Another daemon owns this sync now; whatever this one was doing must not commit."""
+
+
+# ---------------------------------------------------------------------------- values
+
+
+def encode_value(value: Any) -> str:
+    """Typed, lossless JSON for a watermark or key: never float seconds, never rounded."""
+    if isinstance(value, datetime):
+        return orjson.dumps({"datetime": value.isoformat()}).decode()
+    if isinstance(value, date):
+        return orjson.dumps({"date": value.isoformat()}).decode()
+    if isinstance(value, Decimal):
+        return orjson.dumps({"decimal": str(value)}).decode()
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"cannot store a {type(value).__name__} as a watermark or key")
+    return orjson.dumps(value).decode()
+
+
+def decode_value(text: str | None) -> Any:
+    if text is None:
+        return None
+    value = orjson.loads(text)
+    if isinstance(value, dict):
+        ((kind, raw),) = value.items()
+        return {"datetime": datetime.fromisoformat, "date": date.fromisoformat, "decimal": Decimal}[kind](raw)
+    return value
+
+
+def display_value(value: Any) -> Any:
+    """The JSON-friendly form `status` shows: ISO text for times, numbers as they are."""
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    return value
+
+
+def key_text(key: Any) -> str:
+    """Keys are stored as text so one digests table serves integer and string keys."""
+    return key if isinstance(key, str) else str(key)
+
+
+# ---------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """The keyset position: every row at or before `(watermark, key)` has been handled."""
+
+    watermark: Any
+    key: Any
+
+
+@dataclass(slots=True)
+class PushRecord:
+    """One HTTP request to the API and what it answered."""
+
+    kind: str  # sync | reconcile | retry
+    sent_at: datetime
+    record_count: int
+    attempt: int
+    duration_ms: float
+    outcome: str  # ack | retry | rejected | auth_error | config_error | failed
+    http_status: int | None = None
+    api_code: int | None = None
+    description: str | None = None
+    trans_id: str | None = None
+    correlation_id: str | None = None
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    key: str
+    reason: str
+    payload: dict[str, Any] | None = None
+    http_status: int | None = None
+    api_code: int | None = None
+    # filled when read back
+    id: int | None = None
+    sync: str | None = None
+    first_seen: datetime | None = None
+    last_seen: datetime | None = None
+    attempts: int = 1
+    resolved_at: datetime | None = None
+    resolution: str | None = None
+
+
+@dataclass(slots=True)
+class SyncStatus:
+    name: str
+    state: str
+    watermark: Any
+    watermark_key: Any
+    last_run_at: datetime | None
+    last_success_at: datetime | None
+    last_error: str | None
+    records_sent: int
+    backlog: int | None
+    dead_letters: int
+    owner: str | None = None
+    lease_until: datetime | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes for timezone=True columns; they were written as UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+# ---------------------------------------------------------------------------- the store
+
+
+class StateStore:
+    """All reads and writes of the state database."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.engine = _create_engine(url)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- schema
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision (idempotent)."""
+        from alembic import command
+
+        with self.engine.begin() as conn:
+            command.upgrade(_alembic_config(conn), "head")
+
+    def schema_is_current(self) -> bool:
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
+        with self.engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_heads()
+            heads = ScriptDirectory.from_config(_alembic_config(conn)).get_heads()
+        return set(current) == set(heads)
+
+    # -- syncs
+
+    def ensure_syncs(self, names: Iterable[str]) -> None:
+        with self.engine.begin() as conn:
+            existing = set(conn.scalars(sa.select(syncs_table.c.name)))
+            for name in names:
+                if name not in existing:
+                    conn.execute(
+                        syncs_table.insert().values(
+                            name=name, state="never_run", records_sent=0, created_at=utcnow()
+                        )
+                    )
+
+    def cursor(self, sync: str) -> Cursor | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(syncs_table.c.watermark, syncs_table.c.watermark_key).where(
+                    syncs_table.c.name == sync
+                )
+            ).one_or_none()
+        if row is None or row.watermark is None:
+            return None
+        return Cursor(decode_value(row.watermark), decode_value(row.watermark_key))
+
+    def acquire_lease(self, sync: str, ttl: timedelta) -> bool:
+        """Take or renew the right to run `sync`; False while another live owner holds it."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                syncs_table.update()
+                .where(syncs_table.c.name == sync)
+                .where(
+                    sa.or_(
+                        syncs_table.c.owner.is_(None),
+                        syncs_table.c.owner == self.owner,
+                        syncs_table.c.lease_until < now,
+                    )
+                )
+                .values(owner=self.owner, lease_until=now + ttl)
+            )
+        return result.rowcount == 1
+
+    def release_lease(self, sync: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                syncs_table.update()
+                .where(syncs_table.c.name == sync, syncs_table.c.owner == self.owner)
+                .values(owner=None, lease_until=None)
+            )
+
+    def lease_holder(self, sync: str) -> tuple[str | None, datetime | None]:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(syncs_table.c.owner, syncs_table.c.lease_until).where(syncs_table.c.name == sync)
+            ).one_or_none()
+        return (row.owner, _aware(row.lease_until)) if row else (None, None)
+
+    def set_state(
+        self,
+        sync: str,
+        state: str,
+        *,
+        error: str | None = None,
+        ran: bool = True,
+        backlog: int | None = None,
+    ) -> None:
+        assert state in SYNC_STATES, state
+        now = utcnow()
+        values: dict[str, Any] = {"state": state, "last_error": error}
+        if ran:
+            values["last_run_at"] = now
+        if state == "ok" and ran:
+            values["last_success_at"] = now
+        if backlog is not None:
+            values["backlog"] = backlog
+        with self.engine.begin() as conn:
+            conn.execute(syncs_table.update().where(syncs_table.c.name == sync).values(**values))
+
+    def reset(self, sync: str, cursor: Cursor | None, *, forget_digests: bool) -> None:
+        """Move the watermark (None = the beginning). Forgetting digests makes every row resend."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                syncs_table.update()
+                .where(syncs_table.c.name == sync)
+                .values(
+                    watermark=None if cursor is None else encode_value(cursor.watermark),
+                    watermark_key=None if cursor is None else encode_value(cursor.key),
+                )
+            )
+            if forget_digests:
+                conn.execute(digests_table.delete().where(digests_table.c.sync == sync))
+
+    # -- the hot path
+
+    def known_digests(self, sync: str, keys: Sequence[str]) -> dict[str, bytes]:
+        """Digests of the last acknowledged payloads for `keys` (one query per batch)."""
+        if not keys:
+            return {}
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(digests_table.c.key, digests_table.c.digest).where(
+                    digests_table.c.sync == sync, digests_table.c.key.in_(keys)
+                )
+            )
+            return {key: bytes(digest) for key, digest in rows}
+
+    def commit_batch(
+        self,
+        sync: str,
+        *,
+        cursor: Cursor | None,
+        acked: Sequence[tuple[str, bytes]] = (),
+        pushes: Sequence[PushRecord] = (),
+        dead_letters: Sequence[DeadLetter] = (),
+        resolve_dead_letters: bool = False,
+        lease_ttl: timedelta | None = None,
+    ) -> None:
+        """Record one batch's outcome atomically; `cursor=None` leaves the watermark alone.
+
+        Raises LeaseLost (and writes nothing) when another owner took the sync over.
+        """
+        now = utcnow()
+        with self.engine.begin() as conn:
+            values: dict[str, Any] = {}
+            if cursor is not None:
+                values["watermark"] = encode_value(cursor.watermark)
+                values["watermark_key"] = encode_value(cursor.key)
+            acked_count = sum(p.record_count for p in pushes if p.outcome == "ack")
+            if acked_count:
+                values["records_sent"] = syncs_table.c.records_sent + acked_count
+            if lease_ttl is not None:
+                values["lease_until"] = now + lease_ttl
+            update = syncs_table.update().where(syncs_table.c.name == sync)
+            if lease_ttl is not None:
+                update = update.where(syncs_table.c.owner == self.owner)
+            if values:
+                result = conn.execute(update.values(**values))
+                if lease_ttl is not None and result.rowcount != 1:
+                    raise LeaseLost(sync)
+            if acked:
+                _upsert_digests(conn, sync, acked)
+            if pushes:
+                conn.execute(
+                    pushes_table.insert(),
+                    [
+                        {
+                            "sync": sync,
+                            "kind": p.kind,
+                            "sent_at": p.sent_at,
+                            "record_count": p.record_count,
+                            "http_status": p.http_status,
+                            "api_code": p.api_code,
+                            "description": p.description,
+                            "trans_id": p.trans_id,
+                            "correlation_id": p.correlation_id,
+                            "attempt": p.attempt,
+                            "duration_ms": p.duration_ms,
+                            "outcome": p.outcome,
+                        }
+                        for p in pushes
+                    ],
+                )
+            if resolve_dead_letters and acked:
+                keys = [key for key, _ in acked]
+                conn.execute(
+                    dead_letters_table.update()
+                    .where(
+                        dead_letters_table.c.sync == sync,
+                        dead_letters_table.c.resolved_at.is_(None),
+                        dead_letters_table.c.key.in_(keys),
+                    )
+                    .values(resolved_at=now, resolution="delivered")
+                )
+            if dead_letters:
+                _record_dead_letters(conn, sync, dead_letters, now)
+
+    # -- reading for operators
+
+    def status(self) -> list[SyncStatus]:
+        with self.engine.connect() as conn:
+            open_letters = dict(
+                conn.execute(
+                    sa.select(dead_letters_table.c.sync, sa.func.count())
+                    .where(dead_letters_table.c.resolved_at.is_(None))
+                    .group_by(dead_letters_table.c.sync)
+                ).all()
+            )
+            rows = conn.execute(sa.select(syncs_table).order_by(syncs_table.c.name)).all()
+        return [
+            SyncStatus(
+                name=row.name,
+                state=row.state,
+                watermark=decode_value(row.watermark),
+                watermark_key=decode_value(row.watermark_key),
+                last_run_at=_aware(row.last_run_at),
+                last_success_at=_aware(row.last_success_at),
+                last_error=row.last_error,
+                records_sent=row.records_sent,
+                backlog=row.backlog,
+                dead_letters=open_letters.get(row.name, 0),
+                owner=row.owner,
+                lease_until=_aware(row.lease_until),
+            )
+            for row in rows
+        ]
+
+    def pushes(self, sync: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        query = sa.select(pushes_table).order_by(pushes_table.c.id.desc()).limit(limit)
+        if sync is not None:
+            query = query.where(pushes_table.c.sync == sync)
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def open_dead_letter_count(self, sync: str) -> int:
+        with self.engine.connect() as conn:
+            return conn.scalar(
+                sa.select(sa.func.count()).where(
+                    dead_letters_table.c.sync == sync, dead_letters_table.c.resolved_at.is_(None)
+                )
+            )
+
+    def dead_letters(
+        self, sync: str | None = None, *, include_resolved: bool = False, ids: Sequence[int] = ()
+    ) -> Iterator[DeadLetter]:
+        query = sa.select(dead_letters_table).order_by(dead_letters_table.c.id)
+        if sync is not None:
+            query = query.where(dead_letters_table.c.sync == sync)
+        if not include_resolved:
+            query = query.where(dead_letters_table.c.resolved_at.is_(None))
+        if ids:
+            query = query.where(dead_letters_table.c.id.in_(ids))
+        with self.engine.connect() as conn:
+            for row in conn.execute(query):
+                yield DeadLetter(
+                    id=row.id,
+                    sync=row.sync,
+                    key=row.key,
+                    payload=orjson.loads(row.payload) if row.payload else None,
+                    reason=row.reason,
+                    http_status=row.http_status,
+                    api_code=row.api_code,
+                    first_seen=_aware(row.first_seen),
+                    last_seen=_aware(row.last_seen),
+                    attempts=row.attempts,
+                    resolved_at=_aware(row.resolved_at),
+                    resolution=row.resolution,
+                )
+
+    def discard_dead_letters(self, ids: Sequence[int]) -> int:
+        with self.engine.begin() as conn:
+            return conn.execute(
+                dead_letters_table.update()
+                .where(dead_letters_table.c.id.in_(ids), dead_letters_table.c.resolved_at.is_(None))
+                .values(resolved_at=utcnow(), resolution="discarded")
+            ).rowcount
+
+
+def _upsert_digests(conn: sa.Connection, sync: str, acked: Sequence[tuple[str, bytes]]) -> None:
+    rows = [{"sync": sync, "key": key, "digest": digest} for key, digest in acked]
+    dialect = conn.dialect.name
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    elif dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:  # pragma: no cover - the state database is SQLite or PostgreSQL
+        raise RuntimeError(f"unsupported state database dialect {dialect!r}")
+    statement = insert(digests_table)
+    conn.execute(
+        statement.on_conflict_do_update(
+            index_elements=["sync", "key"], set_={"digest": statement.excluded.digest}
+        ),
+        rows,
+    )
+
+
+def _record_dead_letters(
+    conn: sa.Connection, sync: str, letters: Sequence[DeadLetter], now: datetime
+) -> None:
+    """One open dead letter per key: a repeat failure updates it instead of piling up."""
+    keys = [letter.key for letter in letters]
+    open_ids = dict(
+        conn.execute(
+            sa.select(dead_letters_table.c.key, dead_letters_table.c.id).where(
+                dead_letters_table.c.sync == sync,
+                dead_letters_table.c.resolved_at.is_(None),
+                dead_letters_table.c.key.in_(keys),
+            )
+        ).all()
+    )
+    for letter in letters:
+        values = {
+            "payload": orjson.dumps(letter.payload, default=str).decode() if letter.payload is not None else None,
+            "reason": letter.reason,
+            "http_status": letter.http_status,
+            "api_code": letter.api_code,
+            "last_seen": now,
+        }
+        if letter.key in open_ids:
+            conn.execute(
+                dead_letters_table.update()
+                .where(dead_letters_table.c.id == open_ids[letter.key])
+                .values(attempts=dead_letters_table.c.attempts + 1, **values)
+            )
+        else:
+            conn.execute(
+                dead_letters_table.insert().values(
+                    sync=sync, key=letter.key, first_seen=now, attempts=1, **values
+                )
+            )
+
+
+def _create_engine(url: str) -> sa.Engine:
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(parsed.database)), exist_ok=True)
+        engine = sa.create_engine(parsed, connect_args={"timeout": 30})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+            # WAL lets `syncd status` read while the daemon writes; synchronous=NORMAL is
+            # durable across process crashes (the case we guard) at a fraction of FULL's cost.
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        return engine
+    if parsed.get_backend_name() != "postgresql":
+        raise ValueError(f"the state database must be SQLite or PostgreSQL, not {parsed.get_backend_name()}")
+    return sa.create_engine(parsed, pool_pre_ping=True)
+
+
+def _alembic_config(conn: sa.Connection) -> Any:
+    from alembic.config import Config as AlembicConfig
+
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(resources.files("syncd.migrations")))
+    config.attributes["connection"] = conn
+    return config

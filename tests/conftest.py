@@ -1,0 +1,82 @@
+"""Shared fixtures: real source databases, each in a throwaway schema or database.
+
+A service that is not reachable skips its tests with the reason, unless
+SYNCD_REQUIRE_SERVICES=1 (set by .ci/run), which turns the skip into a failure so
+CI can never pass by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+POSTGRES_URL = os.environ.get("SYNCD_TEST_POSTGRES", "postgresql+psycopg://root@127.0.0.1:5432/test")
+MYSQL_URL = os.environ.get("SYNCD_TEST_MYSQL", "mysql+pymysql://root:@127.0.0.1:3306/test")
+REQUIRE_SERVICES = os.environ.get("SYNCD_REQUIRE_SERVICES") == "1"
+
+
+def _service_unavailable(what: str, error: Exception) -> None:
+    reason = f"{what} is not reachable ({type(error).__name__}: {str(error).splitlines()[0]})"
+    if REQUIRE_SERVICES:
+        pytest.fail(f"SYNCD_REQUIRE_SERVICES=1 but {reason}")
+    pytest.skip(reason)
+
+
+def _probe(url: str, what: str) -> sa.Engine:
+    try:
+        engine = sa.create_engine(url, pool_pre_ping=True)
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except ImportError as error:  # driver missing
+        _service_unavailable(what, error)
+    except sa.exc.OperationalError as error:
+        _service_unavailable(what, error)
+    return engine
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A URL to a fresh PostgreSQL schema; the schema is the connection's search_path."""
+    admin = _probe(POSTGRES_URL, "PostgreSQL")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    url = sa.make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture
+def mysql_url() -> Iterator[str]:
+    """A URL to a fresh MariaDB/MySQL database."""
+    admin = _probe(MYSQL_URL, "MariaDB/MySQL")
+    database = f"t_{uuid.uuid4().hex[:12]}"
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE `{database}`"))
+    url = sa.make_url(MYSQL_URL).set(database=database)
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"DROP DATABASE `{database}`"))
+        admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    """A URL to a fresh SQLite file."""
+    return f"sqlite:///{tmp_path / 'crm.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgres", "mysql"])
+def source_url(request) -> str:
+    """Each real source database in turn."""
+    return request.getfixturevalue(f"{request.param}_url")
