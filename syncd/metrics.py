@@ -1,0 +1,226 @@
+"""Prometheus metrics for the sync cycles, on a registry of their own.
+
+A private ``CollectorRegistry`` (not prometheus_client's global one) means two
+``Metrics`` never collide: tests build as many as they like, and nothing leaks
+between them. The cycle always gets a ``Metrics``; when ``[metrics] listen`` is
+absent it simply is never served.
+
+Every series carries a ``sync`` label, so :meth:`Metrics.forget` can drop a sync
+that a reload removed instead of exporting its last values forever.
+"""
+
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.metrics import MetricWrapperBase
+
+__all__ = ["STATES", "Metrics", "MetricsServer", "parse_listen"]
+
+STATES = ("ok", "failing", "auth_error", "paused", "never_run")
+
+# One request to the API: tens of milliseconds when healthy, up to the 30 s timeout.
+_PUSH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# One cycle: from an idle poll (milliseconds) to a backfill or reconcile (minutes).
+_CYCLE_BUCKETS = (0.05, 0.25, 1, 5, 15, 60, 300, 900, 3600)
+
+
+class Metrics:
+    """The metric families, with one method per thing the sync cycle observes."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = CollectorRegistry() if registry is None else registry
+        r = self.registry
+        self._rows_read = Counter(
+            "syncd_rows_read", "Source rows read by the sync.", ["sync"], registry=r
+        )
+        self._records_sent = Counter(
+            "syncd_records_sent",
+            "Records the API acknowledged (statuscode 0).",
+            ["sync"],
+            registry=r,
+        )
+        self._unchanged = Counter(
+            "syncd_unchanged_skipped",
+            "Rows not sent because their mapped payload equals the last one acknowledged.",
+            ["sync"],
+            registry=r,
+        )
+        self._dead_letters = Counter(
+            "syncd_dead_letters",
+            "Records dead-lettered, by local validation or by the API rejecting them.",
+            ["sync"],
+            registry=r,
+        )
+        self._pushes = Counter(
+            "syncd_pushes",
+            "Requests to the Add-contacts API, by HTTP status and API code "
+            '("" when there was none, e.g. a network error).',
+            ["sync", "http_status", "api_code"],
+            registry=r,
+        )
+        self._push_seconds = Histogram(
+            "syncd_push_duration_seconds",
+            "Duration of one request to the Add-contacts API.",
+            ["sync"],
+            buckets=_PUSH_BUCKETS,
+            registry=r,
+        )
+        self._cycle_seconds = Histogram(
+            "syncd_cycle_duration_seconds",
+            "Duration of one sync cycle: read, map, push, commit.",
+            ["sync"],
+            buckets=_CYCLE_BUCKETS,
+            registry=r,
+        )
+        self._cycles = Counter(
+            "syncd_cycles",
+            "Sync cycles run, by outcome (ok, failed).",
+            ["sync", "outcome"],
+            registry=r,
+        )
+        self._watermark_lag = Gauge(
+            "syncd_watermark_lag_seconds",
+            "Source clock minus the sync's watermark, for timestamp watermarks.",
+            ["sync"],
+            registry=r,
+        )
+        self._backlog = Gauge(
+            "syncd_backlog_rows",
+            "Source rows beyond the watermark, not yet pushed.",
+            ["sync"],
+            registry=r,
+        )
+        self._state = Gauge(
+            "syncd_sync_state",
+            f"1 for the sync's current state, 0 for the others ({', '.join(STATES)}).",
+            ["sync", "state"],
+            registry=r,
+        )
+        self._families: tuple[MetricWrapperBase, ...] = (
+            self._rows_read,
+            self._records_sent,
+            self._unchanged,
+            self._dead_letters,
+            self._pushes,
+            self._push_seconds,
+            self._cycle_seconds,
+            self._cycles,
+            self._watermark_lag,
+            self._backlog,
+            self._state,
+        )
+
+    def rows_read(self, sync: str, n: int) -> None:
+        self._rows_read.labels(sync).inc(n)
+
+    def records_sent(self, sync: str, n: int) -> None:
+        """Acknowledged records (the API said statuscode 0 for their batch)."""
+        self._records_sent.labels(sync).inc(n)
+
+    def unchanged_skipped(self, sync: str, n: int) -> None:
+        self._unchanged.labels(sync).inc(n)
+
+    def dead_lettered(self, sync: str, n: int) -> None:
+        self._dead_letters.labels(sync).inc(n)
+
+    def push(self, sync: str, http_status: int | None, api_code: int | None, seconds: float) -> None:
+        """One request. None (no response, no code in the body) becomes the empty
+        label value, which Prometheus treats as "label absent"."""
+        status = "" if http_status is None else str(http_status)
+        code = "" if api_code is None else str(api_code)
+        self._pushes.labels(sync, status, code).inc()
+        self._push_seconds.labels(sync).observe(seconds)
+
+    def cycle(self, sync: str, seconds: float, outcome: str) -> None:
+        self._cycles.labels(sync, outcome).inc()
+        self._cycle_seconds.labels(sync).observe(seconds)
+
+    def set_watermark_lag(self, sync: str, seconds: float | None) -> None:
+        """None (no watermark yet, or a numeric one) removes the series: an absent
+        series reads as "unknown", where 0 would read as "caught up"."""
+        _set_or_remove(self._watermark_lag, sync, seconds)
+
+    def set_backlog(self, sync: str, rows: int | None) -> None:
+        _set_or_remove(self._backlog, sync, rows)
+
+    def set_state(self, sync: str, state: str) -> None:
+        """One series per possible state, 1 for the current one: alerts can use
+        ``syncd_sync_state{state="auth_error"} == 1`` without knowing the others."""
+        if state not in STATES:
+            raise ValueError(f"unknown sync state {state!r}; expected one of {STATES}")
+        for each in STATES:
+            self._state.labels(sync, each).set(1 if each == state else 0)
+
+    def forget(self, sync: str) -> None:
+        """Drop every series of ``sync`` (it was removed from the config)."""
+        for family in self._families:
+            _remove_sync(family, sync)
+
+    def serve(self, listen: str) -> MetricsServer:
+        """Serve ``/metrics`` on ``listen`` from a daemon thread.
+
+        A port that is already taken raises OSError here, at startup, rather than
+        leaving the daemon running without the metrics it was configured to export.
+        """
+        host, port = parse_listen(listen)
+        server, thread = start_http_server(port, host, registry=self.registry)
+        return MetricsServer(server, thread)
+
+
+class MetricsServer:
+    """A running metrics endpoint; ``close()`` it on shutdown or before re-serving."""
+
+    def __init__(self, server: WSGIServer, thread: threading.Thread) -> None:
+        self._server = server
+        self._thread = thread
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when ``listen`` asked for port 0)."""
+        return int(self._server.server_port)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``"127.0.0.1:9464"``, ``"[::1]:9464"`` or ``":9464"`` (all interfaces) into
+    (host, port)."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"metrics listen address must be HOST:PORT, not {listen!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"write an IPv6 address in brackets, like [::1]:9464, not {listen!r}")
+    # No host: every IPv4 interface, prometheus_client's own default. Not "::", which
+    # fails outright on hosts with IPv6 disabled; write [::]:9464 to get dual-stack.
+    return host or "0.0.0.0", int(port_text)
+
+
+def _set_or_remove(gauge: Gauge, sync: str, value: float | None) -> None:
+    if value is None:
+        gauge.remove(sync)
+    else:
+        gauge.labels(sync).set(value)
+
+
+def _remove_sync(family: MetricWrapperBase, sync: str) -> None:
+    """Remove each child of ``family`` labelled ``sync=<sync>``.
+
+    Found through collect(), public API on every prometheus-client we allow, rather
+    than remove_by_labels(), which only recent releases have. Bucket samples carry
+    an extra "le" label and are skipped; the histogram's _sum and _count name the child.
+    """
+    children = set()
+    for metric in family.collect():
+        for sample in metric.samples:
+            if sample.labels.get("sync") == sync and "le" not in sample.labels:
+                children.add(tuple(sample.labels.values()))
+    for labels in children:
+        family.remove(*labels)

@@ -1,0 +1,164 @@
+"""syncd.metrics, scraped from its real HTTP endpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from syncd.metrics import Metrics, MetricsServer, parse_listen
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[Metrics, MetricsServer]]:
+    metrics = Metrics()
+    server = metrics.serve("127.0.0.1:0")  # port 0: the kernel picks a free one
+    try:
+        yield metrics, server
+    finally:
+        server.close()
+
+
+def scrape(server: MetricsServer) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """{sample name: {sorted labels: value}} from a real GET /metrics."""
+    response = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=5)
+    response.raise_for_status()
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def feed(metrics: Metrics, sync: str) -> None:
+    metrics.rows_read(sync, 120)
+    metrics.records_sent(sync, 100)
+    metrics.unchanged_skipped(sync, 15)
+    metrics.dead_lettered(sync, 5)
+    metrics.push(sync, 200, 0, 0.12)
+    metrics.push(sync, 200, 0, 0.3)
+    metrics.push(sync, 429, None, 0.01)
+    metrics.push(sync, None, None, 30.0)
+    metrics.cycle(sync, 2.5, "ok")
+    metrics.cycle(sync, 0.4, "failed")
+    metrics.set_watermark_lag(sync, 42.0)
+    metrics.set_backlog(sync, 7)
+    metrics.set_state(sync, "failing")
+
+
+def test_scrape_shows_every_family_and_label(served) -> None:
+    metrics, server = served
+    feed(metrics, "contacts")
+    s = scrape(server)
+    c = (("sync", "contacts"),)
+
+    assert s["syncd_rows_read_total"][c] == 120
+    assert s["syncd_records_sent_total"][c] == 100
+    assert s["syncd_unchanged_skipped_total"][c] == 15
+    assert s["syncd_dead_letters_total"][c] == 5
+    pushes = s["syncd_pushes_total"]
+    assert pushes[(("api_code", "0"), ("http_status", "200"), ("sync", "contacts"))] == 2
+    assert pushes[(("api_code", ""), ("http_status", "429"), ("sync", "contacts"))] == 1
+    assert pushes[(("api_code", ""), ("http_status", ""), ("sync", "contacts"))] == 1
+    assert s["syncd_push_duration_seconds_count"][c] == 4
+    assert s["syncd_push_duration_seconds_bucket"][(("le", "0.25"), ("sync", "contacts"))] == 2
+    assert s["syncd_cycle_duration_seconds_count"][c] == 2
+    assert s["syncd_cycles_total"][(("outcome", "ok"), ("sync", "contacts"))] == 1
+    assert s["syncd_cycles_total"][(("outcome", "failed"), ("sync", "contacts"))] == 1
+    assert s["syncd_watermark_lag_seconds"][c] == 42
+    assert s["syncd_backlog_rows"][c] == 7
+    states = {dict(k)["state"]: v for k, v in s["syncd_sync_state"].items()}
+    assert states == {"ok": 0, "failing": 1, "auth_error": 0, "paused": 0, "never_run": 0}
+
+
+def test_help_texts_are_exported(served) -> None:
+    _, server = served
+    text = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=5).text
+    assert "# HELP syncd_records_sent_total Records the API acknowledged" in text
+    assert "# TYPE syncd_push_duration_seconds histogram" in text
+
+
+def test_state_moves_and_unknowns_are_rejected(served) -> None:
+    metrics, server = served
+    metrics.set_state("contacts", "never_run")
+    metrics.set_state("contacts", "auth_error")
+    states = {dict(k)["state"]: v for k, v in scrape(server)["syncd_sync_state"].items()}
+    assert [state for state, value in states.items() if value == 1] == ["auth_error"]
+    with pytest.raises(ValueError, match="unknown sync state"):
+        metrics.set_state("contacts", "sleeping")
+
+
+def test_none_removes_a_gauge_series(served) -> None:
+    metrics, server = served
+    metrics.set_watermark_lag("contacts", 3.0)
+    metrics.set_backlog("contacts", 9)
+    metrics.set_watermark_lag("contacts", None)
+    metrics.set_backlog("contacts", None)
+    metrics.set_backlog("never_set", None)  # removing what is not there is fine
+    s = scrape(server)
+    assert "syncd_watermark_lag_seconds" not in s
+    assert "syncd_backlog_rows" not in s
+
+
+def test_forget_drops_only_that_sync(served) -> None:
+    metrics, server = served
+    feed(metrics, "contacts")
+    feed(metrics, "leads")
+    metrics.forget("contacts")
+    syncs = {
+        dict(labels).get("sync")
+        for series in scrape(server).values()
+        for labels in series
+    }
+    assert syncs == {"leads"}
+
+
+def test_registries_are_independent() -> None:
+    first, second = Metrics(), Metrics()  # a second one would clash on a shared registry
+    first.rows_read("contacts", 1)
+    assert second.registry.get_sample_value("syncd_rows_read_total", {"sync": "contacts"}) is None
+    assert first.registry.get_sample_value("syncd_rows_read_total", {"sync": "contacts"}) == 1
+
+
+def test_close_frees_the_port() -> None:
+    metrics = Metrics()
+    server = metrics.serve("127.0.0.1:0")
+    port = server.port
+    server.close()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
+    again = metrics.serve(f"127.0.0.1:{port}")  # a reload re-serving on the same port
+    again.close()
+
+
+def test_ipv6_loopback() -> None:
+    try:
+        server = Metrics().serve("[::1]:0")
+    except OSError as error:
+        pytest.skip(f"no IPv6 loopback here: {error}")
+    try:
+        response = httpx.get(f"http://[::1]:{server.port}/metrics", timeout=5)
+        assert response.status_code == 200
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(
+    ("listen", "expected"),
+    [
+        ("127.0.0.1:9464", ("127.0.0.1", 9464)),
+        ("[::1]:9464", ("::1", 9464)),
+        (":9464", ("0.0.0.0", 9464)),
+        ("localhost:9464", ("localhost", 9464)),
+    ],
+)
+def test_parse_listen(listen: str, expected: tuple[str, int]) -> None:
+    assert parse_listen(listen) == expected
+
+
+@pytest.mark.parametrize("listen", ["9464", "host:", "host:http", "::1:9464", "h:70000"])
+def test_parse_listen_rejects(listen: str) -> None:
+    with pytest.raises(ValueError):
+        parse_listen(listen)
