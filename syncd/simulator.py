@@ -599,6 +599,9 @@ class RunningSimulator:
             self._loop.close()
 
     def _call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        if not self._thread.is_alive():
+            raise RuntimeError("the simulator is stopped")
+
         async def call() -> _T:
             return fn(*args, **kwargs)
 
