@@ -1,8 +1,8 @@
 """A local stand-in for the Webex Campaign "Add contacts to datastore" API.
 
 The demo, the test suite and the benchmarks all push to this instead of the real
-endpoint, so it answers with the reference's status codes and body shapes (see
-``/work/shared/seed-add-contacts-api.txt``), inserts asynchronously after the ACK
+endpoint, so it answers with the status codes and body shapes of the API's public
+reference (DESIGN.md, "The API we push to"), inserts asynchronously after the ACK
 as the real datastore does, and can misbehave on demand: throttling, random and
 scripted faults, latency and dropped connections.
 
@@ -226,6 +226,7 @@ class _Simulator:
         self.set_tokens(config.tokens, config.expired_tokens)
         self.buckets: dict[str, _TokenBucket] = {}
         self.queue: collections.deque[dict[str, Any]] = collections.deque()
+        self.generation = 0
         self.reset()
 
     # -- control ---------------------------------------------------------------
@@ -240,10 +241,11 @@ class _Simulator:
         self.by_code: collections.Counter[str] = collections.Counter()
         self.records_accepted = 0
         # Inserts scheduled before a reset check this and do nothing.
-        self.generation = getattr(self, "generation", 0) + 1
+        self.generation += 1
 
     def set_tokens(self, valid: Iterable[str], expired: Iterable[str] = ()) -> None:
         """Replace the valid and expired keys; several keys may be valid at once."""
+        valid, expired = tuple(valid), tuple(expired)
         self.valid, self.expired = frozenset(valid), frozenset(expired)
         # Labels stay with a key for the simulator's life, so "key#1" in the log
         # means the same key before and after a rotation; the key itself is never logged.

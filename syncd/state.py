@@ -114,7 +114,7 @@ def encode_value(value: Any) -> str:
         return orjson.dumps({"date": value.isoformat()}).decode()
     if isinstance(value, Decimal):
         return orjson.dumps({"decimal": str(value)}).decode()
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, str))):
         raise TypeError(f"cannot store a {type(value).__name__} as a watermark or key")
     return orjson.dumps(value).decode()
 
@@ -362,7 +362,7 @@ class StateStore:
         acked: Sequence[tuple[str, bytes]] = (),
         pushes: Sequence[PushRecord] = (),
         dead_letters: Sequence[DeadLetter] = (),
-        resolve_dead_letters: bool = False,
+        resolve_keys: Sequence[str] = (),
         lease_ttl: timedelta | None = None,
     ) -> None:
         """Record one batch's outcome atomically; `cursor=None` leaves the watermark alone.
@@ -410,14 +410,13 @@ class StateStore:
                         for p in pushes
                     ],
                 )
-            if resolve_dead_letters and acked:
-                keys = [key for key, _ in acked]
+            if resolve_keys:
                 conn.execute(
                     dead_letters_table.update()
                     .where(
                         dead_letters_table.c.sync == sync,
                         dead_letters_table.c.resolved_at.is_(None),
-                        dead_letters_table.c.key.in_(keys),
+                        dead_letters_table.c.key.in_(resolve_keys),
                     )
                     .values(resolved_at=now, resolution="delivered")
                 )

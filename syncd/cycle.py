@@ -1,0 +1,393 @@
+"""One sync cycle: read → map → drop unchanged → batch → push → commit.
+
+This module wires source, mapping, delivery and state together and owns the ordering
+rules between them (DESIGN.md §2, §3, §6):
+- a batch's watermark, digests and push rows are committed in one state transaction,
+  only after the API acknowledged it, and batches commit in read order, so the watermark
+  never passes a batch that is still pending;
+- up to `max_in_flight` batches are on the wire while the next is read and mapped; within
+  one cycle a key appears once, and cycles of one sync never overlap, so two versions of
+  one key are never in flight together;
+- a row that fails local validation, or that the API rejects on its own, becomes a dead
+  letter and the feed moves on.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from typing import Any
+
+import structlog
+
+from syncd.config import ApiConfig, SyncConfig
+from syncd.delivery import (
+    ApiClient,
+    AuthError,
+    ConfigurationError,
+    Deliverer,
+    DeliveryResult,
+)
+from syncd.mapping import Mapping, RowRejected, compile_mapping, payload_digest
+from syncd.metrics import Metrics
+from syncd.source import SourceError, TableReader, read_bound
+from syncd.state import Cursor, DeadLetter, LeaseLost, StateStore, key_text
+
+__all__ = ["CycleReport", "SyncRunner"]
+
+log = structlog.get_logger(__name__)
+
+AUTH_BACKOFF_START = timedelta(seconds=5)
+AUTH_BACKOFF_MAX = timedelta(minutes=5)
+
+
+@dataclass(slots=True)
+class CycleReport:
+    """What one cycle did; logged as one summary event and returned to the caller."""
+
+    sync: str
+    kind: str = "sync"  # sync | reconcile
+    outcome: str = "ok"  # ok | failing | auth_error | config_error | paused | skipped
+    rows_read: int = 0
+    unchanged: int = 0
+    sent: int = 0
+    batches: int = 0
+    dead_lettered: int = 0
+    duration_s: float = 0.0
+    watermark: Any = None
+    bound: Any = None
+    backlog: int | None = None
+    error: str | None = None
+    trans_ids: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        from syncd.state import display_value
+
+        return {
+            "kind": self.kind,
+            "outcome": self.outcome,
+            "rows_read": self.rows_read,
+            "unchanged": self.unchanged,
+            "sent": self.sent,
+            "batches": self.batches,
+            "dead_lettered": self.dead_lettered,
+            "duration_s": round(self.duration_s, 3),
+            "watermark": display_value(self.watermark),
+            "backlog": self.backlog,
+            **({"error": self.error} if self.error else {}),
+        }
+
+
+@dataclass(slots=True)
+class _Batch:
+    """A read batch after mapping: what to send, and what to commit once it is answered."""
+
+    cursor: Cursor | None
+    keys: list[str] = field(default_factory=list)  # parallel to records
+    digests: list[bytes] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    unchanged_keys: list[str] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    rows: int = 0
+
+
+class SyncRunner:
+    """Everything one sync needs, built once per config and reused by every cycle."""
+
+    def __init__(
+        self,
+        sync: SyncConfig,
+        *,
+        reader: TableReader,
+        state: StateStore,
+        client: ApiClient,
+        api: ApiConfig,
+        metrics: Metrics,
+        lease: timedelta,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_progress: Callable[[CycleReport], None] | None = None,
+    ) -> None:
+        self.sync = sync
+        self.reader = reader
+        self.state = state
+        self.client = client
+        self.api = api
+        self.metrics = metrics
+        self.lease = lease
+        self.should_stop = should_stop
+        self.on_progress = on_progress
+        self.mapping: Mapping = compile_mapping(sync.fields, sync.columns)
+        self.stopped: str | None = None  # set by a configuration error; cleared by a reload
+        self._auth_retry_at = 0.0
+        self._auth_backoff = AUTH_BACKOFF_START
+
+    # -- entry points
+
+    def run_cycle(self) -> CycleReport:
+        """Push everything changed since the watermark, up to the source's bound."""
+        return self._run("sync", self._changes)
+
+    def reconcile(self) -> CycleReport:
+        """Compare every row with what was last acknowledged and push the differences."""
+        return self._run("reconcile", self._everything)
+
+    def run_until_caught_up(self, sleep: Callable[[float], None] = time.sleep) -> CycleReport:
+        """Cycles until every change committed before this call has been handled (`once`).
+
+        A cycle stops `settle` short of the source's clock, so one more cycle after
+        `settle` has passed picks up what was written just before we started.
+        """
+        first = self.run_cycle()
+        if first.outcome != "ok" or not isinstance(first.bound, (datetime, date, str)):
+            return first
+        target = _add(first.bound, self.sync.settle)
+        report = first
+        deadline = time.monotonic() + self.sync.settle.total_seconds() + 60
+        while _before(report.bound, target) and time.monotonic() < deadline and not self.should_stop():
+            sleep(min(max(self.sync.settle.total_seconds(), 0.05), 5))
+            report = _merge(report, self.run_cycle())
+            if report.outcome != "ok":
+                break
+        return report
+
+    # -- the cycle
+
+    def _run(self, kind: str, batches: Callable[[CycleReport], Iterator[_Batch]]) -> CycleReport:
+        report = CycleReport(self.sync.name, kind=kind)
+        started = time.perf_counter()
+        with structlog.contextvars.bound_contextvars(sync=self.sync.name):
+            try:
+                self._cycle(report, batches)
+            except SourceError as error:
+                report.outcome, report.error = "failing", str(error)
+            except LeaseLost:
+                report.outcome, report.error = "skipped", "another syncd took this sync over"
+            report.duration_s = time.perf_counter() - started
+            self._finish(report)
+        return report
+
+    def _cycle(self, report: CycleReport, batches: Callable[[CycleReport], Iterator[_Batch]]) -> None:
+        if self.sync.paused:
+            report.outcome = "paused"
+            return
+        if self.stopped:
+            report.outcome, report.error = "config_error", self.stopped
+            return
+        if not self._auth_may_push():
+            report.outcome, report.error = "auth_error", "waiting for a working API key"
+            return
+        if not self.state.acquire_lease(self.sync.name, self.lease):
+            owner, until = self.state.lease_holder(self.sync.name)
+            report.outcome, report.error = "skipped", f"running on {owner} (lease until {until:%H:%M:%S})"
+            return
+        deliverer = Deliverer(self.client, self.api, kind=report.kind, should_stop=self.should_stop)
+        open_letters = self.state.open_dead_letter_count(self.sync.name) > 0
+        pending: deque[tuple[Future[DeliveryResult], _Batch]] = deque()
+        failed: list[DeliveryResult] = []
+        with ThreadPoolExecutor(self.api.max_in_flight, thread_name_prefix=f"push-{self.sync.name}") as pool:
+            try:
+                for batch in batches(report):
+                    pending.append((self._submit(pool, deliverer, batch), batch))
+                    while len(pending) >= self.api.max_in_flight or (pending and pending[0][0].done()):
+                        self._settle(report, *pending.popleft(), failed, open_letters)
+                    if failed or self.should_stop():
+                        break
+            finally:
+                while pending:  # what is on the wire still lands; its digests are kept
+                    self._settle(report, *pending.popleft(), failed, open_letters)
+        if failed:
+            self._fail(report, failed[0])
+        elif report.outcome == "ok":
+            self._auth_backoff = AUTH_BACKOFF_START
+
+    def _changes(self, report: CycleReport) -> Iterator[_Batch]:
+        cursor = self.state.cursor(self.sync.name)
+        bound = read_bound(self.reader)
+        report.bound = bound.value
+        report.watermark = cursor.watermark if cursor else None
+        for rows in self.reader.changed_rows(cursor, bound, self.api.max_batch_records):
+            yield self._prepare(rows, offset=1, cursor=Cursor(rows[-1][0], rows[-1][1]))
+
+    def _everything(self, report: CycleReport) -> Iterator[_Batch]:
+        for rows in self.reader.all_rows(self.api.max_batch_records):
+            yield self._prepare(rows, offset=0, cursor=None)
+
+    def _prepare(self, rows: Sequence[tuple[Any, ...]], *, offset: int, cursor: Cursor | None) -> _Batch:
+        """Map rows and keep only those whose payload differs from the last acknowledged one."""
+        batch = _Batch(cursor=cursor, rows=len(rows))
+        mapped: list[tuple[str, dict[str, Any], bytes]] = []
+        mapping = self.mapping
+        for row in rows:
+            key = key_text(row[offset])
+            values = row[offset + 1 :]
+            try:
+                payload = mapping(values)
+            except RowRejected as error:
+                batch.dead_letters.append(
+                    DeadLetter(key=key, reason=f"invalid row: {error}", payload=dict(zip(self.sync.columns, values)))
+                )
+                continue
+            mapped.append((key, payload, payload_digest(payload)))
+        known = self.state.known_digests(self.sync.name, [key for key, _, _ in mapped])
+        for key, payload, digest in mapped:
+            if known.get(key) == digest:
+                batch.unchanged_keys.append(key)
+            else:
+                batch.keys.append(key)
+                batch.records.append(payload)
+                batch.digests.append(digest)
+        return batch
+
+    def _submit(self, pool: ThreadPoolExecutor, deliverer: Deliverer, batch: _Batch) -> Future[DeliveryResult]:
+        if not batch.records:
+            done: Future[DeliveryResult] = Future()
+            done.set_result(DeliveryResult())
+            return done
+        context = contextvars.copy_context()  # keep `sync=` on the push thread's log lines
+        return pool.submit(
+            context.run, deliverer.deliver, self.sync.datastore_id, self.sync.feed_id, batch.records
+        )
+
+    def _settle(
+        self,
+        report: CycleReport,
+        future: Future[DeliveryResult],
+        batch: _Batch,
+        failed: list[DeliveryResult],
+        open_letters: bool,
+    ) -> None:
+        """Commit one answered batch; the watermark moves only while nothing before it failed."""
+        result = future.result()
+        dead = list(batch.dead_letters)
+        for index, error in result.rejected:
+            dead.append(
+                DeadLetter(
+                    key=batch.keys[index],
+                    reason=f"rejected by the API: {error.description}",
+                    payload=batch.records[index],
+                    http_status=error.http_status,
+                    api_code=error.api_code,
+                )
+            )
+        acked = [(batch.keys[i], batch.digests[i]) for i in result.acked]
+        if not result.complete:
+            failed.append(result)
+        move = batch.cursor if not failed else None
+        # A key whose current payload landed, or was already there, no longer needs its dead letter.
+        resolve = [key for key, _ in acked] + batch.unchanged_keys if open_letters else []
+        self.state.commit_batch(
+            self.sync.name,
+            cursor=move,
+            acked=acked,
+            pushes=result.pushes,
+            dead_letters=dead,
+            resolve_keys=resolve,
+            lease_ttl=self.lease,
+        )
+        report.rows_read += batch.rows
+        report.unchanged += len(batch.unchanged_keys)
+        report.sent += len(acked)
+        report.dead_lettered += len(dead)
+        report.batches += 1 if batch.records else 0
+        report.trans_ids.extend(p.trans_id for p in result.pushes if p.trans_id)
+        if move is not None:
+            report.watermark = move.watermark
+        name = self.sync.name
+        self.metrics.rows_read(name, batch.rows)
+        self.metrics.unchanged_skipped(name, len(batch.unchanged_keys))
+        self.metrics.records_sent(name, len(acked))
+        self.metrics.dead_lettered(name, len(dead))
+        for push in result.pushes:
+            self.metrics.push(name, push.http_status, push.api_code, push.duration_ms / 1000)
+        if self.on_progress is not None:
+            self.on_progress(report)
+
+    def _fail(self, report: CycleReport, result: DeliveryResult) -> None:
+        error = result.failure
+        assert error is not None
+        report.error = f"{type(error).__name__}: {error.description}" + (
+            f" (HTTP {error.http_status}, code {error.api_code})" if error.http_status else ""
+        )
+        if isinstance(error, AuthError):
+            report.outcome = "auth_error"
+            self._auth_retry_at = time.monotonic() + self._auth_backoff.total_seconds()
+            self._auth_backoff = min(self._auth_backoff * 2, AUTH_BACKOFF_MAX)
+        elif isinstance(error, ConfigurationError):
+            report.outcome = "config_error"
+            self.stopped = report.error
+            log.error("sync_stopped", reason=report.error, action="fix the config and reload")
+        else:
+            report.outcome = "failing"
+
+    def _auth_may_push(self) -> bool:
+        """While the key is refused, probe again only when it changed or the backoff ran out."""
+        if self._auth_retry_at == 0.0:
+            return True
+        try:
+            changed = self.client.tokens.refresh()
+        except AuthError:
+            changed = False
+        if changed or time.monotonic() >= self._auth_retry_at:
+            self._auth_retry_at = 0.0
+            return True
+        return False
+
+    def _finish(self, report: CycleReport) -> None:
+        name = self.sync.name
+        state = {
+            "ok": "ok",
+            "paused": "paused",
+            "auth_error": "auth_error",
+            "skipped": None,
+        }.get(report.outcome, "failing")
+        if report.outcome == "ok" and report.kind == "sync":
+            try:
+                report.backlog = self.reader.backlog(self.state.cursor(name))
+            except SourceError:
+                report.backlog = None
+        if state is not None:
+            self.state.set_state(name, state, error=report.error, backlog=report.backlog)
+            self.metrics.set_state(name, state)
+        self.metrics.cycle(name, report.duration_s, "ok" if report.outcome == "ok" else "failed")
+        if report.backlog is not None:
+            self.metrics.set_backlog(name, report.backlog)
+        self.metrics.set_watermark_lag(name, _lag(report.watermark, report.bound, self.sync.settle))
+        level = "info" if report.outcome in ("ok", "paused", "skipped") else "error"
+        getattr(log, level)("cycle", **report.summary())
+
+
+def _add(value: Any, delta: timedelta) -> Any:
+    if isinstance(value, str):  # SQLite's canonical text form
+        return (datetime.fromisoformat(value) + delta).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    return value + delta
+
+
+def _before(value: Any, target: Any) -> bool:
+    return value is not None and value < target
+
+
+def _merge(total: CycleReport, more: CycleReport) -> CycleReport:
+    for name in ("rows_read", "unchanged", "sent", "batches", "dead_lettered", "duration_s"):
+        setattr(more, name, getattr(total, name) + getattr(more, name))
+    more.trans_ids = total.trans_ids + more.trans_ids
+    if more.watermark is None:
+        more.watermark = total.watermark
+    return more
+
+
+def _lag(watermark: Any, bound: Any, settle: timedelta) -> float | None:
+    """How far the watermark trails the source's clock, in seconds."""
+    try:
+        if isinstance(watermark, str) and isinstance(bound, str):
+            watermark, bound = datetime.fromisoformat(watermark), datetime.fromisoformat(bound)
+        if isinstance(watermark, datetime) and isinstance(bound, datetime):
+            return max(0.0, (bound - watermark + settle).total_seconds())
+    except (TypeError, ValueError):
+        return None
+    return None
+

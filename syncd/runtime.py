@@ -1,0 +1,105 @@
+"""A loaded config turned into live objects, once: state store, sources, API client, runners.
+
+The CLI commands and the daemon all start from a `Runtime`, so there is exactly one place
+where config becomes connections, and one place that closes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from syncd.config import Config, SyncConfig
+from syncd.cycle import CycleReport, SyncRunner
+from syncd.delivery import ApiClient, RateLimiter, TokenSource
+from syncd.logs import register_secret
+from syncd.metrics import Metrics
+from syncd.source import Source
+from syncd.state import StateStore
+
+__all__ = ["Runtime"]
+
+
+@dataclass
+class Runtime:
+    config: Config
+    state: StateStore
+    client: ApiClient
+    metrics: Metrics
+    sources: dict[str, Source] = field(default_factory=dict)
+    runners: dict[str, SyncRunner] = field(default_factory=dict)
+
+    @classmethod
+    def open(
+        cls,
+        config: Config,
+        *,
+        metrics: Metrics | None = None,
+        limiter: RateLimiter | None = None,
+        migrate: bool = True,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_progress: Callable[[CycleReport], None] | None = None,
+    ) -> Runtime:
+        _register_secrets(config)
+        state = StateStore(config.state.url)
+        if migrate:
+            state.migrate()
+        tokens = TokenSource(config.api, on_secret=register_secret)
+        client = ApiClient(config.api, tokens, limiter or RateLimiter(config.api.requests_per_second))
+        runtime = cls(config=config, state=state, client=client, metrics=metrics or Metrics())
+        runtime.sources = {name: Source(name, source) for name, source in config.sources.items()}
+        for sync in config.syncs:
+            runtime.runners[sync.name] = runtime.runner(sync, should_stop=should_stop, on_progress=on_progress)
+        if migrate:
+            state.ensure_syncs(runtime.runners)
+        return runtime
+
+    def runner(
+        self,
+        sync: SyncConfig,
+        *,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_progress: Callable[[CycleReport], None] | None = None,
+    ) -> SyncRunner:
+        return SyncRunner(
+            sync,
+            reader=self.sources[sync.source].reader(sync),
+            state=self.state,
+            client=self.client,
+            api=self.config.api,
+            metrics=self.metrics,
+            lease=self.config.state.lease,
+            should_stop=should_stop,
+            on_progress=on_progress,
+        )
+
+    def close(self) -> None:
+        for runner in self.runners.values():
+            self.state.release_lease(runner.sync.name)
+        self.client.close()
+        for source in self.sources.values():
+            source.dispose()
+        self.state.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _register_secrets(config: Config) -> None:
+    """Tell the log redactor every secret the config holds, before anything is logged."""
+    import sqlalchemy as sa
+
+    if config.api.token is not None:
+        register_secret(config.api.token.get_secret_value())
+    for source in config.sources.values():
+        password = sa.make_url(source.url.get_secret_value()).password
+        if password:
+            register_secret(str(password))
+        if source.password_file is not None:
+            try:
+                register_secret(source.password_file.read_text().strip())
+            except OSError:
+                pass  # reported when the source connects

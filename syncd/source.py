@@ -1,0 +1,378 @@
+"""Reading changed rows from a CRM table, in (watermark, key) order, without losing any.
+
+The rules that keep changes from being lost live here and only here:
+- rows are read with a keyset cursor, `(wm, key) > (:wm, :key)`, so rows sharing a
+  watermark across a batch boundary are never skipped;
+- each cycle reads below an upper bound taken from the *source's* clock minus `settle`,
+  and on PostgreSQL also below the start of the oldest open transaction, so a row whose
+  transaction commits late is still ahead of the cursor when it becomes visible;
+- identifiers come from reflection and are always quoted by SQLAlchemy, never pasted.
+
+Rows are streamed (server-side cursors where the driver has them) in chunks, each chunk
+its own short read transaction, so a long throttled backfill never pins a snapshot open
+on the CRM for hours.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+
+from syncd.config import SourceConfig, SyncConfig
+from syncd.state import Cursor
+
+__all__ = ["Bound", "SchemaProblem", "Source", "SourceError", "TableReader"]
+
+log = structlog.get_logger(__name__)
+
+CHUNK_ROWS = 50_000  # rows per read transaction
+APPLICATION_NAME = "syncd"  # PostgreSQL application_name, excluded from the open-transaction gate
+
+
+class SourceError(Exception):
+    """The source cannot be read as configured (connection, missing table or column)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaProblem:
+    severity: str  # error | warning
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """The cycle's upper bound; `value is None` means unbounded (numeric watermarks)."""
+
+    value: Any
+    gated_by_open_transaction: bool = False
+
+
+class Source:
+    """One configured source database: an engine, and readers for its tables."""
+
+    def __init__(self, name: str, config: SourceConfig) -> None:
+        self.name = name
+        self.config = config
+        self._engine: sa.Engine | None = None
+        self._lock = threading.Lock()
+        self._gate_warned = False
+
+    @property
+    def engine(self) -> sa.Engine:
+        with self._lock:
+            if self._engine is None:
+                self._engine = _create_engine(self.config)
+            return self._engine
+
+    def dispose(self) -> None:
+        with self._lock:
+            if self._engine is not None:
+                self._engine.dispose()
+                self._engine = None
+
+    def reader(self, sync: SyncConfig) -> TableReader:
+        return TableReader(self, sync)
+
+    def warn_gate_once(self, reason: str) -> None:
+        if not self._gate_warned:
+            self._gate_warned = True
+            log.warning(
+                "open_transaction_gate_unavailable",
+                source=self.name,
+                reason=reason,
+                fallback="settle only: a transaction open longer than settle may be missed until reconcile",
+            )
+
+
+class TableReader:
+    """Reads one sync's table: the bound, the changed rows, full passes and the backlog."""
+
+    def __init__(self, source: Source, sync: SyncConfig) -> None:
+        self.source = source
+        self.sync = sync
+        self._table: sa.Table | None = None
+
+    # -- schema
+
+    @property
+    def table(self) -> sa.Table:
+        if self._table is None:
+            self._table = self._reflect()
+        return self._table
+
+    def _reflect(self) -> sa.Table:
+        schema, _, name = self.sync.table.rpartition(".")
+        try:
+            return sa.Table(name, sa.MetaData(), schema=schema or None, autoload_with=self.source.engine)
+        except sa.exc.NoSuchTableError:
+            raise SourceError(f"table {self.sync.table!r} not found in source {self.source.name!r}") from None
+        except sa.exc.DBAPIError as error:
+            raise SourceError(describe_db_error(self.source, error)) from None
+
+    def problems(self) -> list[SchemaProblem]:
+        """What `syncd check` reports about the live schema: missing columns, keys, indexes."""
+        try:
+            table = self.table
+        except SourceError as error:
+            return [SchemaProblem("error", str(error))]
+        problems = [
+            SchemaProblem("error", f"column {name!r} not found in {self.sync.table} (sync {self.sync.name})")
+            for name in self.sync.columns
+            if name not in table.c
+        ]
+        if problems:
+            return problems
+        wm = table.c[self.sync.watermark]
+        if _watermark_kind(wm, self.dialect) == "unsupported":
+            problems.append(
+                SchemaProblem(
+                    "error",
+                    f"watermark column {wm.name!r} is {wm.type}; use a timestamp, date or integer column",
+                )
+            )
+        if wm.nullable:
+            problems.append(
+                SchemaProblem(
+                    "warning",
+                    f"watermark column {wm.name!r} is nullable: rows with NULL are never read "
+                    "(only reconcile sees them); make it NOT NULL",
+                )
+            )
+        inspector = sa.inspect(self.source.engine)
+        schema = table.schema
+        indexes = inspector.get_indexes(table.name, schema=schema)
+        unique_sets = [tuple(ix["column_names"]) for ix in indexes if ix.get("unique")]
+        pk = tuple(inspector.get_pk_constraint(table.name, schema=schema).get("constrained_columns") or ())
+        unique_sets.append(pk)
+        for uc in inspector.get_unique_constraints(table.name, schema=schema):
+            unique_sets.append(tuple(uc["column_names"]))
+        if (self.sync.key,) not in unique_sets:
+            problems.append(
+                SchemaProblem(
+                    "error",
+                    f"key column {self.sync.key!r} is not unique (no primary key or unique index on it alone)",
+                )
+            )
+        ordered = [tuple(ix["column_names"][:2]) for ix in indexes] + [pk[:2]]
+        if (self.sync.watermark, self.sync.key) not in ordered:
+            quoted = self.source.engine.dialect.identifier_preparer
+            problems.append(
+                SchemaProblem(
+                    "warning",
+                    f"no index on ({self.sync.watermark}, {self.sync.key}): every cycle scans the table; "
+                    f"fix: CREATE INDEX {quoted.quote('ix_' + table.name + '_' + self.sync.watermark + '_' + self.sync.key)} "
+                    f"ON {quoted.format_table(table)} ({quoted.quote(self.sync.watermark)}, {quoted.quote(self.sync.key)})",
+                )
+            )
+        return problems
+
+    @property
+    def dialect(self) -> str:
+        return self.source.engine.dialect.name
+
+    # -- expressions
+
+    def _columns(self) -> list[sa.ColumnElement[Any]]:
+        table = self.table
+        missing = [name for name in self.sync.columns if name not in table.c]
+        if missing:
+            raise SourceError(
+                f"column(s) {', '.join(map(repr, missing))} not found in {self.sync.table} (sync {self.sync.name})"
+            )
+        return [table.c[name] for name in self.sync.columns]
+
+    def _watermark_expr(self) -> sa.ColumnElement[Any]:
+        column = self.table.c[self.sync.watermark]
+        if self.dialect == "sqlite" and _watermark_kind(column, "sqlite") == "time":
+            # SQLite stores times as text in whatever format the writer used; compare one
+            # canonical form on both sides so '10:00:00' and '10:00:00.000000' agree.
+            return sa.func.strftime("%Y-%m-%d %H:%M:%f", column, type_=sa.String)
+        return column
+
+    def _after(self, cursor: Cursor | None) -> sa.ColumnElement[bool] | None:
+        if cursor is None:
+            return None
+        wm, key = self._watermark_expr(), self.table.c[self.sync.key]
+        if cursor.key is None:  # set by `reset --to`: everything at or after the watermark
+            return wm >= sa.literal(cursor.watermark, wm.type)
+        if self.dialect in ("mysql", "mariadb"):
+            # MySQL's optimiser does not turn row-value comparisons into index ranges reliably.
+            return sa.and_(wm >= cursor.watermark, sa.or_(wm > cursor.watermark, key > cursor.key))
+        return sa.tuple_(wm, key) > sa.tuple_(sa.literal(cursor.watermark, wm.type), sa.literal(cursor.key, key.type))
+
+    # -- the bound
+
+    def bound(self, conn: sa.Connection) -> Bound:
+        """The source's now minus settle (and the PostgreSQL open-transaction gate)."""
+        column = self.table.c[self.sync.watermark]
+        kind = _watermark_kind(column, self.dialect)
+        if kind == "number":
+            return Bound(None)
+        if kind == "unsupported":
+            raise SourceError(f"watermark column {column.name!r} is {column.type}; use a timestamp, date or integer column")
+        settle = self.sync.settle
+        if self.dialect == "sqlite":
+            value = conn.scalar(
+                sa.select(sa.func.strftime("%Y-%m-%d %H:%M:%f", "now", f"-{settle.total_seconds():.6f} seconds"))
+            )
+            return Bound(value)
+        if self.dialect in ("mysql", "mariadb"):
+            # NOW(6) is the session's local time, the same frame DATETIME and TIMESTAMP read in.
+            micros = int(settle.total_seconds() * 1_000_000)
+            return Bound(conn.scalar(sa.text(f"SELECT NOW(6) - INTERVAL {micros} MICROSECOND")))
+        if self.dialect == "postgresql":
+            return self._postgres_bound(conn, column, settle)
+        return Bound(conn.scalar(sa.select(sa.func.current_timestamp())) - settle)
+
+    def _postgres_bound(self, conn: sa.Connection, column: sa.Column[Any], settle: timedelta) -> Bound:
+        value = conn.scalar(sa.text("SELECT now()")) - settle
+        gated = False
+        readable = conn.scalar(
+            sa.text(
+                "SELECT rolsuper OR pg_has_role(current_user, 'pg_read_all_stats', 'MEMBER') "
+                "FROM pg_roles WHERE rolname = current_user"
+            )
+        )
+        if readable:
+            oldest = conn.scalar(
+                sa.text(
+                    "SELECT min(xact_start) FROM pg_stat_activity "
+                    "WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid() "
+                    "AND backend_type = 'client backend' AND datname = current_database() "
+                    "AND coalesce(application_name, '') <> :me"
+                ).bindparams(me=APPLICATION_NAME)
+            )
+            if oldest is not None and oldest < value:
+                value, gated = oldest, True
+        else:
+            self.source.warn_gate_once(
+                "this role cannot see other sessions in pg_stat_activity (grant pg_read_all_stats)"
+            )
+        if not getattr(column.type, "timezone", False):
+            # A naive column holds the session's local time: convert the bound the same way.
+            value = conn.scalar(sa.select(sa.cast(sa.literal(value, sa.DateTime(timezone=True)), column.type)))
+        return Bound(value, gated)
+
+    # -- reading
+
+    def changed_rows(self, cursor: Cursor | None, bound: Bound, batch_rows: int) -> Iterator[list[tuple[Any, ...]]]:
+        """Batches of rows after `cursor` and below `bound`, in (watermark, key) order.
+
+        Each row is `(watermark, key, *columns)` with the columns in `sync.columns` order.
+        """
+        wm, key = self._watermark_expr(), self.table.c[self.sync.key]
+        query = sa.select(wm.label("__wm"), key.label("__key"), *self._columns())
+        if bound.value is not None:
+            query = query.where(wm < sa.literal(bound.value, wm.type))
+        query = query.order_by(wm, key)
+        yield from self._chunks(
+            query, lambda last: self._after(cursor if last is None else Cursor(last[0], last[1])), batch_rows
+        )
+
+    def all_rows(self, batch_rows: int) -> Iterator[list[tuple[Any, ...]]]:
+        """Every row in key order, for reconcile: `(key, *columns)`."""
+        key = self.table.c[self.sync.key]
+        query = sa.select(key.label("__key"), *self._columns()).order_by(key)
+        yield from self._chunks(query, lambda last: None if last is None else key > last[0], batch_rows)
+
+    def _chunks(
+        self,
+        query: sa.Select[Any],
+        after: Callable[[tuple[Any, ...] | None], sa.ColumnElement[bool] | None],
+        batch_rows: int,
+    ) -> Iterator[list[tuple[Any, ...]]]:
+        """Run `query` chunk by chunk, each a short transaction that continues after the last row."""
+        last: tuple[Any, ...] | None = None
+        while True:
+            condition = after(last)
+            chunk = (query.where(condition) if condition is not None else query).limit(CHUNK_ROWS)
+            count = 0
+            try:
+                with self.source.engine.connect() as conn:
+                    conn = conn.execution_options(stream_results=True, yield_per=batch_rows)
+                    with conn.begin():
+                        for partition in conn.execute(chunk).partitions(batch_rows):
+                            rows = [tuple(row) for row in partition]
+                            count += len(rows)
+                            last = rows[-1]
+                            yield rows
+            except sa.exc.DBAPIError as error:
+                raise SourceError(describe_db_error(self.source, error)) from None
+            if count < CHUNK_ROWS:
+                return
+
+    def backlog(self, cursor: Cursor | None, limit: int = 10_000_000) -> int:
+        """Rows past the watermark, counted through the index and capped, so it stays cheap."""
+        condition = self._after(cursor)
+        inner = sa.select(sa.literal(1)).select_from(self.table)
+        if condition is not None:
+            inner = inner.where(condition)
+        try:
+            with self.source.engine.connect() as conn:
+                return conn.scalar(sa.select(sa.func.count()).select_from(inner.limit(limit).subquery()))
+        except sa.exc.DBAPIError as error:
+            raise SourceError(describe_db_error(self.source, error)) from None
+
+
+def read_bound(reader: TableReader) -> Bound:
+    try:
+        with reader.source.engine.connect() as conn:
+            return reader.bound(conn)
+    except sa.exc.DBAPIError as error:
+        raise SourceError(describe_db_error(reader.source, error)) from None
+
+
+def describe_db_error(source: Source, error: sa.exc.DBAPIError) -> str:
+    """A one-line reason without the statement, parameters or URL (which may hold secrets)."""
+    original = error.orig if error.orig is not None else error
+    first_line = str(original).strip().splitlines()[0] if str(original).strip() else type(original).__name__
+    return f"source {source.name!r} ({source.config.display_url()}): {first_line}"
+
+
+def _watermark_kind(column: sa.Column[Any], dialect: str) -> str:
+    try:
+        python_type = column.type.python_type
+    except NotImplementedError:
+        return "unsupported"
+    if issubclass(python_type, (datetime, date)):
+        return "time"
+    if issubclass(python_type, (int,)) or python_type.__name__ == "Decimal":
+        return "number"
+    return "unsupported"
+
+
+def _create_engine(config: SourceConfig) -> sa.Engine:
+    url = config.engine_url()
+    connect_args: dict[str, Any] = {}
+    backend = url.get_backend_name()
+    if backend == "postgresql":
+        connect_args["application_name"] = APPLICATION_NAME
+    kwargs: dict[str, Any] = {"pool_pre_ping": True, "connect_args": connect_args}
+    if backend in ("postgresql", "mysql", "mariadb"):
+        # Repeatable read: a chunk's rows all come from one snapshot.
+        kwargs["isolation_level"] = "REPEATABLE READ"
+    return sa.create_engine(url, **kwargs)
+
+
+def parse_watermark(reader: TableReader, text: str) -> Cursor:
+    """`reset --to VALUE`: VALUE in the watermark column's terms, as an inclusive cursor."""
+    column = reader.table.c[reader.sync.watermark]
+    kind = _watermark_kind(column, reader.dialect)
+    if kind == "number":
+        return Cursor(int(text), None)
+    if kind != "time":
+        raise SourceError(f"watermark column {column.name!r} is {column.type}; cannot reset it to {text!r}")
+    value = datetime.fromisoformat(text)
+    if reader.dialect == "sqlite":
+        return Cursor(value.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3], None)
+    if getattr(column.type, "timezone", False) and value.tzinfo is None:
+        raise ValueError("the watermark column has a time zone: give one, e.g. 2026-01-01T00:00:00+00:00")
+    if not getattr(column.type, "timezone", False) and value.tzinfo is not None:
+        value = value.replace(tzinfo=None)  # naive columns hold the source's local time
+    return Cursor(value, None)
