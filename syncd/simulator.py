@@ -342,12 +342,8 @@ class _Simulator:
         if entry.get("drop"):
             return _Reply(None, fault="scripted")
 
-        if token in self.valid:
-            pass
-        elif token in self.expired:
-            return _error(498, 498)
-        else:
-            return _error(401, 430)
+        if token not in self.valid:
+            return _error(498, 498) if token in self.expired else _error(401, 430)
 
         if config.rate_limit is not None:
             bucket = self.buckets.get(token)
