@@ -51,7 +51,7 @@ class CycleReport:
     """What one cycle did; logged as one summary event and returned to the caller."""
 
     sync: str
-    kind: str = "sync"  # sync | reconcile
+    kind: str = "sync"  # sync | reconcile | retry
     outcome: str = "ok"  # ok | failing | auth_error | config_error | paused | skipped
     rows_read: int = 0
     unchanged: int = 0
@@ -136,6 +136,10 @@ class SyncRunner:
         """Compare every row with what was last acknowledged and push the differences."""
         return self._run("reconcile", self._everything)
 
+    def retry_keys(self, keys: list[str]) -> CycleReport:
+        """Push the current rows of these keys (`dead-letters retry`); the watermark stays."""
+        return self._run("retry", lambda report: self._keyed(keys))
+
     def run_until_caught_up(self, sleep: Callable[[float], None] = time.sleep) -> CycleReport:
         """Cycles until every change committed before this call has been handled (`once`).
 
@@ -215,6 +219,10 @@ class SyncRunner:
 
     def _everything(self, report: CycleReport) -> Iterator[_Batch]:
         for rows in self.reader.all_rows(self.api.max_batch_records):
+            yield self._prepare(rows, offset=0, cursor=None)
+
+    def _keyed(self, keys: list[str]) -> Iterator[_Batch]:
+        for rows in self.reader.rows_by_keys(keys):
             yield self._prepare(rows, offset=0, cursor=None)
 
     def _prepare(self, rows: Sequence[tuple[Any, ...]], *, offset: int, cursor: Cursor | None) -> _Batch:

@@ -281,6 +281,24 @@ class TableReader:
         query = sa.select(key.label("__key"), *self._columns()).order_by(key)
         yield from self._chunks(query, lambda last: None if last is None else key > last[0], batch_rows)
 
+    def rows_by_keys(self, keys: list[str]) -> Iterator[list[tuple[Any, ...]]]:
+        """The current rows for stored (text) keys, `(key, *columns)`, in batches of 500."""
+        key = self.table.c[self.sync.key]
+        try:
+            convert = key.type.python_type
+        except NotImplementedError:
+            convert = str
+        typed = [convert(k) for k in keys]
+        query = sa.select(key.label("__key"), *self._columns()).order_by(key)
+        for start in range(0, len(typed), 500):
+            try:
+                with self.source.engine.connect() as conn:
+                    rows = [tuple(row) for row in conn.execute(query.where(key.in_(typed[start : start + 500])))]
+            except sa.exc.DBAPIError as error:
+                raise SourceError(describe_db_error(self.source, error)) from None
+            if rows:
+                yield rows
+
     def _chunks(
         self,
         query: sa.Select[Any],

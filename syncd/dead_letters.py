@@ -1,0 +1,90 @@
+"""`syncd dead-letters list|retry|discard`: records that could not be delivered.
+
+A dead letter stays open until the key's current payload lands (a later push resolves
+it by itself), an operator retries it successfully, or an operator discards it.
+Retrying re-reads the *current* source row, not the stored payload: the row may have been
+fixed since, and sending a stale version would undo that.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from syncd.runtime import Runtime
+from syncd.state import display_value
+
+__all__ = ["RetryOutcome", "discard", "listing", "render", "retry"]
+
+
+def listing(runtime: Runtime, sync: str | None, *, include_resolved: bool = False, ids: list[int] | None = None) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": letter.id,
+            "sync": letter.sync,
+            "key": letter.key,
+            "reason": letter.reason,
+            "http_status": letter.http_status,
+            "api_code": letter.api_code,
+            "attempts": letter.attempts,
+            "first_seen": display_value(letter.first_seen),
+            "last_seen": display_value(letter.last_seen),
+            "resolved_at": display_value(letter.resolved_at),
+            "resolution": letter.resolution,
+            "payload": letter.payload,
+        }
+        for letter in runtime.state.dead_letters(sync, include_resolved=include_resolved, ids=ids or ())
+    ]
+
+
+def render(letters: list[dict[str, Any]]) -> str:
+    if not letters:
+        return "no dead letters\n"
+    lines = []
+    for letter in letters:
+        status = letter["resolution"] or "open"
+        lines.append(
+            f"#{letter['id']}  {letter['sync']}  key={letter['key']}  {status}  attempts={letter['attempts']}  "
+            f"last={str(letter['last_seen'])[:19]}  {letter['reason']}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def discard(runtime: Runtime, sync: str | None, ids: list[int]) -> int:
+    if not ids:
+        ids = [letter.id for letter in runtime.state.dead_letters(sync) if letter.id is not None]
+    return runtime.state.discard_dead_letters(ids) if ids else 0
+
+
+@dataclass
+class RetryOutcome:
+    retried: int = 0
+    still_open: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def summary(self) -> str:
+        text = f"retried {self.retried} dead letter(s); {self.still_open} still open"
+        for error in self.errors:
+            text += f"\n  {error}"
+        return text
+
+
+def retry(runtime: Runtime, sync: str | None, ids: list[int]) -> RetryOutcome:
+    by_sync: dict[str, list[str]] = defaultdict(list)
+    for letter in runtime.state.dead_letters(sync, ids=ids):
+        if letter.sync in runtime.runners:
+            by_sync[letter.sync].append(letter.key)
+    outcome = RetryOutcome()
+    for name, keys in by_sync.items():
+        report = runtime.runners[name].retry_keys(keys)
+        outcome.retried += len(keys)
+        if report.outcome != "ok":
+            outcome.errors.append(f"{name}: {report.outcome}: {report.error}")
+        open_keys = {letter.key for letter in runtime.state.dead_letters(name)}
+        outcome.still_open += len(open_keys & set(keys))
+    return outcome

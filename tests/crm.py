@@ -1,0 +1,163 @@
+"""A small CRM for the tests: a contacts table on any source, and a config that syncs it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+TOKEN = "test-token-5f1c9e"
+
+
+def contacts_table(
+    metadata: sa.MetaData,
+    *,
+    name: str = "contacts",
+    schema: str | None = None,
+    watermark: str = "timestamp",  # timestamp | timestamptz | int
+) -> sa.Table:
+    if watermark == "int":
+        wm_type: sa.types.TypeEngine[Any] = sa.BigInteger()
+    else:
+        wm_type = sa.DateTime(timezone=watermark == "timestamptz")
+        if metadata.info.get("dialect") in ("mysql", "mariadb"):
+            from sqlalchemy.dialects.mysql import DATETIME
+
+            wm_type = DATETIME(fsp=6)
+    table = sa.Table(
+        name,
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("first_name", sa.String(100)),
+        sa.Column("last_name", sa.String(100)),
+        sa.Column("email", sa.String(200)),
+        sa.Column("phone", sa.String(40)),
+        sa.Column("account_id", sa.String(40)),
+        sa.Column("updated_at", wm_type, nullable=False),
+        schema=schema,
+    )
+    sa.Index(f"ix_{name}_updated_at_id", table.c.updated_at, table.c.id)
+    return table
+
+
+class Crm:
+    """The contacts table on one source database, with helpers to write like a CRM does."""
+
+    def __init__(self, url: str, *, schema: str | None = None, watermark: str = "timestamp", name: str = "contacts") -> None:
+        self.url = url
+        self.engine = sa.create_engine(url)
+        metadata = sa.MetaData(info={"dialect": self.engine.dialect.name})
+        self.watermark = watermark
+        self.table = contacts_table(metadata, name=name, schema=schema, watermark=watermark)
+        metadata.create_all(self.engine)
+        self._version = 0
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.table.schema}.{self.table.name}" if self.table.schema else self.table.name
+
+    def stamp(self, age: timedelta = timedelta(seconds=1)) -> Any:
+        """A watermark value for a write happening now (`age` in the past)."""
+        if self.watermark == "int":
+            self._version += 1
+            return self._version
+        now = datetime.now(UTC) - age
+        return now if self.watermark == "timestamptz" and self.engine.dialect.name == "postgresql" else now.replace(tzinfo=None)
+
+    def insert(self, rows: Iterable[dict[str, Any]], *, stamp: Any = None) -> None:
+        rows = list(rows)
+        value = self.stamp() if stamp is None else stamp
+        for row in rows:
+            row.setdefault("updated_at", value)
+        with self.engine.begin() as conn:
+            conn.execute(self.table.insert(), rows)
+
+    def update(self, ids: Iterable[int], *, bump: bool = True, **values: Any) -> None:
+        if bump:
+            values["updated_at"] = self.stamp()
+        with self.engine.begin() as conn:
+            conn.execute(self.table.update().where(self.table.c.id.in_(list(ids))).values(**values))
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def contact(i: int, **overrides: Any) -> dict[str, Any]:
+    row = {
+        "id": i,
+        "first_name": f"First{i}",
+        "last_name": f"Last{i}",
+        "email": f"Person{i}@Example.COM",
+        "phone": f"+4420{7946_0000 + i:08d}",
+        "account_id": f"acct-{i}",
+    }
+    row.update(overrides)
+    return row
+
+
+def write_config(
+    path: Path,
+    *,
+    source_url: str,
+    api_url: str,
+    state_url: str,
+    table: str = "contacts",
+    token_file: Path | None = None,
+    batch: int = 500,
+    settle: str = "0s",
+    extra_api: str = "",
+    extra_sync: str = "",
+    fields: str | None = None,
+) -> Path:
+    if token_file is None:
+        token_file = path.parent / "api-token"
+        token_file.write_text(TOKEN + "\n")
+    fields = fields or """
+msisdn    = { column = "phone", transform = "e164", required = true }
+firstname = "first_name"
+lastname  = "last_name"
+emailid   = { column = "email", transform = "lower" }
+accountid = "account_id"
+"""
+    path.write_text(
+        f"""
+[state]
+url = "{state_url}"
+
+[log]
+level = "warning"
+
+[api]
+url = "{api_url}"
+token_file = "{token_file}"
+timeout_s = 5
+requests_per_second = 0
+max_in_flight = 2
+max_batch_records = {batch}
+backoff_base_s = 0.01
+backoff_max_s = 0.2
+{extra_api}
+
+[sources.crm]
+url = "{source_url}"
+
+[[syncs]]
+name = "contacts"
+source = "crm"
+table = "{table}"
+key = "id"
+watermark = "updated_at"
+interval = "1s"
+settle = "{settle}"
+datastore_id = "1466"
+feed_id = "1499"
+{extra_sync}
+
+[syncs.fields]
+{fields}
+"""
+    )
+    return path
