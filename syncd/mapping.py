@@ -1,0 +1,505 @@
+"""Source rows → Add-contacts records, compiled once per sync.
+
+`compile_mapping` turns a sync's `fields` into one small closure per attribute, so mapping
+a row costs a few function calls: no config lookups, no regex compiles, no type dispatch
+that can be decided up front (a `lower` after a `strip` knows it gets a `str`).
+
+Decisions a user of the records can rely on:
+
+- **NULL is omitted, not sent.** The API upserts the attributes a record carries, so a
+  `null` would blank an attribute the datastore already knows (or be refused as invalid
+  input) just because the CRM does not know it. A field whose value is NULL after `default`
+  is therefore left out of the record. The price: clearing a column in the CRM does not
+  clear the datastore; set `default = ""` on a field where it should.
+- **A template that renders to nothing is NULL.** NULL columns render as "", the result is
+  stripped, and an empty result is treated like a NULL column (so `default`, `required`
+  and omission apply to it the same way).
+- **`default` and constants go through the field's transforms**, once, at compile time
+  (`default = "us", transform = "upper"` sends "US"); one that cannot is a `ConfigError`.
+- **Values are JSON as the API expects it, with stable types:** str, int, bool and finite
+  floats are kept; `Decimal` becomes its exact decimal text ("10.50"; never a float, which
+  would round, and never int-when-integral, which would flip the type with the value);
+  date / time / datetime become ISO 8601 text; UUID its canonical text. NaN, infinities,
+  binary values and anything else without a flat JSON form reject the row: guessing an
+  encoding would write the same garbage to every contact, a dead letter names the field.
+- **Text of a non-string** (for `strip`/`lower`/`upper`/`str` and plain template fields)
+  is its JSON text as above, with booleans as "true"/"false" rather than Python's "True".
+- Every failure while mapping a row is a `RowRejected` naming the attribute, so the caller
+  can dead-letter the row and carry on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import string
+from collections import abc
+from datetime import date, datetime, time
+from decimal import Decimal
+from operator import itemgetter
+from typing import Any, Callable, Sequence
+from uuid import UUID
+
+import orjson
+import phonenumbers
+
+from syncd.config import ConfigError, FieldSpec
+
+__all__ = ["Mapping", "RowRejected", "compile_mapping", "payload_digest"]
+
+Reader = Callable[[Sequence[Any]], Any]
+Convert = Callable[[Any], Any]
+
+
+class RowRejected(Exception):
+    """A row that fails local validation; it becomes a dead letter without an API call."""
+
+    def __init__(self, attribute: str, reason: str) -> None:
+        super().__init__(f"{attribute}: {reason}")
+        self.attribute = attribute
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rows may be mapped in worker processes; the default reduce would lose the fields.
+        return (RowRejected, (self.attribute, self.reason))
+
+
+class _Invalid(ValueError):
+    """A reason written for the operator; `Mapping` adds the attribute."""
+
+
+class Mapping:
+    """Maps one source row (a tuple in `columns` order) to one API record."""
+
+    __slots__ = ("columns", "_readers")
+
+    def __init__(self, columns: tuple[str, ...], readers: tuple[tuple[str, Reader], ...]) -> None:
+        self.columns = columns
+        self._readers = readers
+
+    def __call__(self, row: Sequence[Any]) -> dict[str, Any]:
+        record: dict[str, Any] = {}
+        for attribute, read in self._readers:
+            try:
+                value = read(row)
+            except _Invalid as error:
+                raise RowRejected(attribute, str(error)) from None
+            except Exception as error:  # a bad row must never stop the feed
+                raise RowRejected(attribute, f"{type(error).__name__}: {error}") from error
+            if value is not None:
+                record[attribute] = value
+        return record
+
+    def __repr__(self) -> str:
+        return f"Mapping(attributes={[name for name, _ in self._readers]!r})"
+
+
+def compile_mapping(fields: abc.Mapping[str, FieldSpec], columns: Sequence[str]) -> Mapping:
+    """Compile `fields` (attribute → spec) for rows that arrive as tuples in `columns` order.
+
+    Raises `ConfigError` for what no row could fix: a column that is not read, a template
+    that is not plain `{column}` fields, an unknown region, a default or constant that the
+    field's own transforms reject.
+    """
+    index = {name: position for position, name in enumerate(columns)}
+    readers = tuple((attribute, _reader(attribute, spec, index)) for attribute, spec in fields.items())
+    return Mapping(tuple(columns), readers)
+
+
+def payload_digest(payload: dict[str, Any]) -> bytes:
+    """A 16-byte digest of a mapped payload, the same in every process and for any key order.
+
+    JSON keeps types apart ("1" vs 1), which is what the datastore sees as a change.
+    """
+    return hashlib.blake2b(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
+
+
+# --- compiling one field -------------------------------------------------------------------
+
+
+def _reader(attribute: str, spec: FieldSpec, index: dict[str, int]) -> Reader:
+    convert = _converter(attribute, spec)
+    if spec.value is not None:
+        constant = _fold(attribute, "value", convert, spec.value)
+        if spec.required and constant in (None, ""):
+            raise ConfigError(f"fields.{attribute}: required, but its value is empty")
+        return lambda row: constant
+
+    if spec.column is not None:
+        source: Reader = itemgetter(_position(attribute, spec.column, index))
+    else:
+        source = _template(attribute, spec.template or "", index)
+    default = None if spec.default is None else _fold(attribute, "default", convert, spec.default)
+
+    if spec.required:
+
+        def read_required(row: Sequence[Any]) -> Any:
+            value = source(row)
+            value = default if value is None else convert(value)
+            if value is None or value == "":
+                raise _Invalid("required value is empty")
+            return value
+
+        return read_required
+
+    def read(row: Sequence[Any]) -> Any:
+        value = source(row)
+        return default if value is None else convert(value)
+
+    return read
+
+
+def _position(attribute: str, column: str, index: dict[str, int]) -> int:
+    if column not in index:
+        raise ConfigError(f"fields.{attribute}: column {column!r} is not among the columns read")
+    return index[column]
+
+
+def _fold(attribute: str, key: str, convert: Convert, value: Any) -> Any:
+    """Apply the field's transforms to a constant once, so a bad one fails at load time."""
+    try:
+        return convert(value)
+    except Exception as error:
+        raise ConfigError(f"fields.{attribute}.{key}: {error}") from None
+
+
+def _converter(attribute: str, spec: FieldSpec) -> Convert:
+    """The field's transforms as one function; with none, the value made JSON-friendly."""
+    steps: list[Convert] = []
+    known: type | None = None  # the type the previous step is known to return
+    for name in spec.transform:
+        if name in ("strip", "lower", "upper", "str"):
+            if known is not str:
+                steps.append(_text)
+                known = str
+            if name != "str":
+                steps.append(getattr(str, name))
+        elif name == "int":
+            if known is not int:
+                steps.append(_to_int)
+                known = int
+        elif name == "e164":
+            steps.append(_e164_converter(attribute, spec.region))
+            known = str
+        else:  # date / datetime
+            steps.append(_date_converter(name == "datetime", spec.format))
+            known = str
+    if not steps:
+        return _jsonable
+    if len(steps) == 1:
+        return steps[0]
+    chain = tuple(steps)
+
+    def convert(value: Any) -> Any:
+        for step in chain:
+            value = step(value)
+        return value
+
+    return convert
+
+
+def _template(attribute: str, template: str, index: dict[str, int]) -> Reader:
+    """Compile `template` to a positional `str.format`: C-speed, no dict per row.
+
+    A field with a format spec or conversion ("{amount:.2f}") gets the raw value; a plain
+    field gets the value's JSON text, so "{active}" reads "true" as everywhere else.
+    """
+    parts: list[str] = []
+    sources: list[tuple[int, Convert]] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as error:
+        raise ConfigError(f"fields.{attribute}.template: {error}") from None
+    for literal, name, spec, conversion in parsed:
+        parts.append(literal.replace("{", "{{").replace("}", "}}"))
+        if name is None:
+            continue
+        if not name or name.isdigit() or "." in name or "[" in name or "{" in (spec or ""):
+            raise ConfigError(
+                f"fields.{attribute}.template: {{{name}}} is not a plain {{column}} field"
+            )
+        plain = not spec and not conversion
+        sources.append((_position(attribute, name, index), _text if plain else _same))
+        parts.append(
+            "{" + str(len(sources) - 1) + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        )
+    render = "".join(parts).format
+    fields = tuple(sources)
+
+    def rendered(row: Sequence[Any]) -> str | None:
+        values = ["" if (value := row[position]) is None else prepare(value) for position, prepare in fields]
+        return render(*values).strip() or None
+
+    return rendered
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+# --- JSON-friendly values ------------------------------------------------------------------
+
+_NATIVE = frozenset({str, int, bool})
+
+
+def _jsonable(value: Any) -> Any:
+    """`value` as the API should see it; see the module docstring for the choices."""
+    kind = type(value)
+    if kind in _NATIVE:
+        return value
+    convert = _JSON.get(kind) or _json_converter(kind)
+    return convert(value)
+
+
+def _text(value: Any) -> str:
+    """The JSON text of a value: what a string transform or a template field works on."""
+    if type(value) is str:
+        return value
+    value = _jsonable(value)
+    if type(value) is str:
+        return value
+    if type(value) is bool:
+        return "true" if value else "false"
+    return str(value)
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise _Invalid(f"{value} is not a number JSON can carry")
+    return value
+
+
+def _decimal(value: Decimal) -> str:
+    if not value.is_finite():
+        raise _Invalid(f"{value} is not a number JSON can carry")
+    return format(value, "f")  # "1E+2" would be read as text by nobody; "100" is
+
+
+def _binary(value: Any) -> Any:
+    raise _Invalid(
+        f"a binary value ({type(value).__name__}) has no text form; "
+        "select a text column or cast it in the source"
+    )
+
+
+_JSON: dict[type, Convert] = {
+    float: _finite,
+    Decimal: _decimal,
+    datetime: datetime.isoformat,
+    date: date.isoformat,
+    time: time.isoformat,
+    UUID: str,
+    bytes: _binary,
+    bytearray: _binary,
+    memoryview: _binary,
+}
+
+
+def _json_converter(kind: type) -> Convert:
+    """Find the converter for a subclass (a str enum, a driver's datetime), and remember it."""
+    for base in kind.__mro__:
+        if base in _JSON:
+            convert = _JSON[base]
+            break
+        if base in (str, int):
+            convert = base.__str__ if base is str else base  # the plain value, not an enum's repr
+            break
+    else:
+
+        def convert(value: Any) -> Any:
+            raise _Invalid(f"a {kind.__name__} value has no flat JSON form")
+
+    _JSON[kind] = convert
+    return convert
+
+
+# --- int, date, datetime -------------------------------------------------------------------
+
+
+def _to_int(value: Any) -> int:
+    if type(value) is int:
+        return value
+    try:
+        number = Decimal(value) if isinstance(value, str) else value  # "42", " 42 ", "42.0"
+        integral = int(number)
+        if integral == number:
+            return integral
+    except (ValueError, TypeError, ArithmeticError):
+        pass
+    raise _Invalid(f"{str(value)!r} is not an integer")
+
+
+def _date_converter(with_time: bool, format: str | None) -> Convert:
+    parse = _as_datetime if with_time else _as_date
+    if format is None:
+        return lambda value: parse(value).isoformat()
+    return lambda value: parse(value).strftime(format)
+
+
+def _as_date(value: Any) -> date:
+    if isinstance(value, datetime):
+        return value.date()
+    if isinstance(value, date):
+        return value
+    if isinstance(value, str):
+        try:
+            return date.fromisoformat(value.strip())
+        except ValueError:
+            return _as_datetime(value).date()  # "2024-05-01T10:00:00" is a date too
+    raise _Invalid(f"expected a date or an ISO 8601 string, got {type(value).__name__} {value!r}")
+
+
+def _as_datetime(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, date):
+        return datetime.combine(value, time())
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise _Invalid(f"{value!r} is not an ISO 8601 date or datetime") from None
+    raise _Invalid(f"expected a datetime or an ISO 8601 string, got {type(value).__name__} {value!r}")
+
+
+# --- e164 ----------------------------------------------------------------------------------
+
+
+def _e164_converter(attribute: str, region: str | None) -> Convert:
+    if region is not None:
+        region = region.upper()
+        if region not in phonenumbers.SUPPORTED_REGIONS:
+            raise ConfigError(f"fields.{attribute}.region: {region!r} is not a region code (e.g. 'US', 'GB')")
+    hint = "" if region else "; it has no +country code and the field sets no region"
+
+    def to_e164(value: Any) -> str:
+        text = value if type(value) is str else _text(value)
+        fast = _fast_e164(text)
+        if fast is not None:
+            return fast
+        try:
+            number = phonenumbers.parse(text, region)
+        except phonenumbers.NumberParseException:
+            number = None
+        if number is None or not phonenumbers.is_valid_number(number):
+            why = hint if hint and not text.lstrip().startswith(("+", "\uff0b")) else ""
+            raise _Invalid(f"{text!r} is not a valid phone number{why}")
+        return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+    return to_e164
+
+
+# phonenumbers.parse + is_valid_number cost 25-50 µs a number, most of it re-running a
+# dozen metadata regexes through re's cache. For the usual CRM form, "+" and digits
+# (optionally spaced " -()."), the library's parse is fully determined by the digits: the
+# calling code is the first 1-3 digit prefix it knows, and the national number is the
+# rest unless the region's national-prefix pattern matches it. For that case we replay
+# `is_valid_number` (region choice, then "any number type matches") with each region's
+# patterns precompiled into one regex. Anything else, and every number not proven valid,
+# goes to the library, so this path can only say "valid" where the library says so too.
+# tests/test_mapping.py checks it against the library on every region's example numbers.
+
+_SEPARATORS = str.maketrans("", "", " -().")
+_CALLING_CODES = frozenset(str(code) for code in phonenumbers.COUNTRY_CODE_TO_REGION_CODE)
+_NUMBER_TYPES = (
+    "premium_rate", "toll_free", "shared_cost", "voip", "personal_number",
+    "pager", "uan", "voicemail", "fixed_line", "mobile",
+)  # fmt: skip
+_validators: dict[str, Callable[[str], bool] | None] = {}  # calling code → proven-valid test
+
+
+def _fast_e164(text: str) -> str | None:
+    """`text` in E.164 if it is a "+digits" number proven valid, else None (ask the library)."""
+    if text[:1] != "+":
+        return None
+    digits = text[1:]
+    if not (digits.isdigit() and digits.isascii()):
+        digits = digits.translate(_SEPARATORS)
+        if not (digits.isdigit() and digits.isascii()):
+            return None
+    if digits[0] == "0":
+        return None
+    for size in (1, 2, 3):
+        code = digits[:size]
+        if code in _CALLING_CODES:
+            break
+    else:
+        return None
+    try:
+        valid = _validators[code]
+    except KeyError:
+        valid = _validators[code] = _validator(code)
+    national = digits[size:]
+    if valid is None or not 2 <= len(national) <= 17 or not valid(national):
+        return None
+    return "+" + digits
+
+
+def _validator(code: str) -> Callable[[str], bool] | None:
+    """A test replaying `is_valid_number` for national numbers under `code`, or None to
+    leave the calling code to the library (odd metadata we do not replay)."""
+    from phonenumbers import PhoneMetadata
+
+    calling_code = int(code)
+    regions = phonenumbers.COUNTRY_CODE_TO_REGION_CODE[calling_code]
+    main = PhoneMetadata.metadata_for_region_or_calling_code(
+        calling_code, phonenumbers.region_code_for_country_code(calling_code)
+    )
+    if main is None:
+        return None
+    try:
+        national_prefix = re.compile(main.national_prefix_for_parsing or "(?!)")
+        if len(regions) == 1:  # the library picks the only region without looking
+            metadata = PhoneMetadata.metadata_for_region_or_calling_code(calling_code, regions[0])
+            if metadata is None or metadata.country_code != calling_code:
+                return None
+            only = _valid_pattern(metadata)
+            return lambda national: not national_prefix.match(national) and bool(only.match(national))
+        choices = []
+        for region in regions:  # the first region that claims the number decides
+            metadata = PhoneMetadata.metadata_for_region(region, None)
+            if metadata is None:
+                continue
+            if metadata.country_code != calling_code:
+                return None
+            leading = re.compile(metadata.leading_digits) if metadata.leading_digits else None
+            choices.append((leading, _valid_pattern(metadata)))
+    except re.error:
+        return None
+    lookup = tuple(choices)
+
+    def valid(national: str) -> bool:
+        if national_prefix.match(national):
+            return False
+        for leading, pattern in lookup:
+            if leading is not None:
+                if leading.match(national):
+                    return bool(pattern.match(national))
+            elif pattern.match(national):
+                return True
+        return False
+
+    return valid
+
+
+def _valid_pattern(metadata: Any) -> re.Pattern[str]:
+    """One regex for "matches the general description and some number type", as
+    `phonenumbers._number_type_helper(...) != UNKNOWN` decides it."""
+    names = _NUMBER_TYPES[:-1] if metadata.same_mobile_and_fixed_line_pattern else _NUMBER_TYPES
+    general = _desc_pattern(metadata.general_desc)
+    types = [pattern for name in names if (pattern := _desc_pattern(getattr(metadata, name)))]
+    if general is None or not types:
+        return re.compile("(?!)")
+    return re.compile(f"(?={general})(?:{'|'.join(types)})")
+
+
+def _desc_pattern(desc: Any) -> str | None:
+    """A number description as a full-match pattern, its possible lengths included."""
+    if desc is None or not desc.national_number_pattern:
+        return None
+    pattern = f"(?:{desc.national_number_pattern})\\Z"
+    if desc.possible_length:
+        lengths = "|".join(f"\\d{{{length}}}" for length in desc.possible_length)
+        pattern = f"(?=(?:{lengths})\\Z){pattern}"
+    return pattern
