@@ -107,6 +107,7 @@ def write_config(
     table: str = "contacts",
     token_file: Path | None = None,
     batch: int = 500,
+    in_flight: int = 2,
     settle: str = "0s",
     extra_api: str = "",
     extra_sync: str = "",
@@ -135,7 +136,7 @@ url = "{api_url}"
 token_file = "{token_file}"
 timeout_s = 5
 requests_per_second = 0
-max_in_flight = 2
+max_in_flight = {in_flight}
 max_batch_records = {batch}
 backoff_base_s = 0.01
 backoff_max_s = 0.2
