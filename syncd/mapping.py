@@ -35,14 +35,16 @@ import math
 import re
 import string
 from collections import abc
+from collections.abc import Callable, Sequence
 from datetime import date, datetime, time
 from decimal import Decimal
 from operator import itemgetter
-from typing import Any, Callable, Sequence
+from typing import Any
 from uuid import UUID
 
 import orjson
 import phonenumbers
+from phonenumbers import PhoneMetadata
 
 from syncd.config import ConfigError, FieldSpec
 
@@ -439,8 +441,6 @@ def _fast_e164(text: str) -> str | None:
 def _validator(code: str) -> Callable[[str], bool] | None:
     """A test replaying `is_valid_number` for national numbers under `code`, or None to
     leave the calling code to the library (odd metadata we do not replay)."""
-    from phonenumbers import PhoneMetadata
-
     calling_code = int(code)
     regions = phonenumbers.COUNTRY_CODE_TO_REGION_CODE[calling_code]
     main = PhoneMetadata.metadata_for_region_or_calling_code(
