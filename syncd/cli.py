@@ -60,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     once.add_argument("--no-progress", action="store_true", help="no progress bar, even in a terminal")
     check = command("check", _check, "check config, sources, columns, indexes, state db and token file")
     check.add_argument("--quiet", action="store_true", help="print problems only")
+    check.add_argument(
+        "--config-only",
+        action="store_true",
+        help="validate the config file alone, connecting to nothing (systemd's ExecReload uses this)",
+    )
     status = command("status", _status, "show each sync's state, watermark, last run, backlog and dead letters")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     reconcile = command("reconcile", _reconcile, "push every row whose mapped payload differs from what was last sent")
@@ -190,6 +195,10 @@ def _reconcile(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     config = _load(args)
+    if args.config_only:
+        if not args.quiet:
+            print(f"ok       config: {args.config}: {len(config.syncs)} sync(s), {len(config.sources)} source(s)")
+        return EXIT_OK
     from syncd.checks import run_checks
 
     problems = 0

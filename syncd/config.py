@@ -11,6 +11,7 @@ import difflib
 import os
 import re
 import stat
+import string
 import tomllib
 from datetime import timedelta
 from pathlib import Path
@@ -157,6 +158,20 @@ class FieldSpec(_Strict):
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
+    @field_validator("template")
+    @classmethod
+    def _plain_fields(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            names = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
+        except ValueError as error:
+            raise ValueError(f"{value!r} is not a valid template: {error}") from None
+        bad = [name for name in names if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_$ -]*", name)]
+        if not names or bad:
+            raise ValueError(f"{value!r}: use {{column}} fields naming source columns")
+        return value
+
     @model_validator(mode="after")
     def _one_origin(self) -> FieldSpec:
         origins = [name for name in ("column", "value", "template") if getattr(self, name) is not None]
@@ -170,8 +185,6 @@ class FieldSpec(_Strict):
         if self.column is not None:
             return (self.column,)
         if self.template is not None:
-            import string
-
             return tuple(
                 name for _, name, _, _ in string.Formatter().parse(self.template) if name
             )
@@ -307,6 +320,13 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         config = Config(**data)
     except ValidationError as error:
         raise ConfigError(_describe(path, error, data)) from None
+    from syncd.mapping import compile_mapping  # mapping needs this module: import late
+
+    for index, sync in enumerate(config.syncs):
+        try:
+            compile_mapping(sync.fields, sync.columns)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: invalid config\n  syncs[{index}] ({sync.name}).{error}") from None
     return config
 
 

@@ -80,7 +80,7 @@ def test_unit_says_what_the_docs_promise() -> None:
     assert values("ExecStart") == [f"{BINARY} run -c /etc/syncd/syncd.toml"]
     # Validate, then signal: a bad config fails `systemctl reload`.
     assert values("ExecReload") == [
-        f"{BINARY} check -c /etc/syncd/syncd.toml",
+        f"{BINARY} check --config-only --quiet -c /etc/syncd/syncd.toml",
         "/bin/kill -HUP $MAINPID",
     ]
     assert values("WatchdogSec") == ["60"]
