@@ -395,9 +395,6 @@ def test_unexpected_errors_still_reject_the_row():
     [
         ({"column": "missing"}, "fields.out: column 'missing' is not among the columns read"),
         ({"template": "{c} {missing}"}, "fields.out: column 'missing' is not among the columns read"),
-        ({"template": "{c.attr}"}, "fields.out.template: {c.attr} is not a plain {column} field"),
-        ({"template": "{}"}, "fields.out.template: {} is not a plain {column} field"),
-        ({"template": "{c"}, "fields.out.template: "),
         ({"column": "c", "default": "x", "transform": "int"}, "fields.out.default: 'x' is not an integer"),
         ({"value": "", "required": True}, "fields.out: required, but its value is empty"),
     ],
@@ -406,6 +403,14 @@ def test_config_errors_are_found_when_compiling(spec: dict[str, Any], message: s
     with pytest.raises(ConfigError) as info:
         compile_mapping(field(**spec), ["c"])
     assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize("template", ["{c.attr}", "{}", "{c", "no fields at all"])
+def test_malformed_templates_are_refused_when_the_config_loads(template: str):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="template"):
+        FieldSpec(template=template)
 
 
 # --- payload digest -------------------------------------------------------------------------
