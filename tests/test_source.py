@@ -1,0 +1,140 @@
+"""Reading changed rows: watermark kinds, schema-qualified tables, the settle bound, keyset order."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from syncd.config import SourceConfig, SyncConfig
+from syncd.source import Source, SourceError, read_bound
+from syncd.state import Cursor
+
+from .crm import Crm, contact, write_config
+from .test_pipeline import api, once, pushed_records, state_url, stored  # noqa: F401  (fixtures)
+
+
+def sync_config(table: str = "contacts", settle: str = "0s") -> SyncConfig:
+    return SyncConfig.model_validate(
+        {
+            "name": "contacts",
+            "source": "crm",
+            "table": table,
+            "key": "id",
+            "watermark": "updated_at",
+            "settle": settle,
+            "datastore_id": "1466",
+            "feed_id": "1499",
+            "fields": {"firstname": "first_name"},
+        }
+    )
+
+
+def read_all(reader, cursor=None, batch=1000):
+    bound = read_bound(reader)
+    return [row for rows in reader.changed_rows(cursor, bound, batch) for row in rows]
+
+
+@pytest.mark.parametrize("watermark", ["int", "timestamptz", "timestamp"])
+def test_every_watermark_kind_syncs_changes_once(source_url, watermark, api, state_url, tmp_path):  # noqa: F811
+    crm = Crm(source_url, watermark=watermark)
+    crm.insert([contact(i) for i in range(1, 31)])
+    config = write_config(tmp_path / "syncd.toml", source_url=source_url, api_url=api.url, state_url=state_url, batch=7)
+    assert once(config) == 0
+    crm.update([2, 9], first_name="Renamed")
+    assert once(config) == 0
+    api.wait_inserted("1466", 32)
+    assert pushed_records(api) == 32
+    assert stored(api)["acct-9"]["firstname"] == "Renamed"
+    crm.dispose()
+
+
+def test_schema_qualified_table_on_postgres(postgres_url, api, state_url, tmp_path):  # noqa: F811
+    schema = f"sales_{uuid.uuid4().hex[:8]}"
+    engine = sa.create_engine(postgres_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        crm = Crm(postgres_url, schema=schema)
+        crm.insert([contact(i) for i in range(1, 11)])
+        config = write_config(
+            tmp_path / "syncd.toml", source_url=postgres_url, api_url=api.url, state_url=state_url, table=f"{schema}.contacts"
+        )
+        assert once(config) == 0
+        api.wait_inserted("1466", 10)
+        assert len(stored(api)) == 10
+        crm.dispose()
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        engine.dispose()
+
+
+def test_schema_qualified_table_on_mariadb(mysql_url, api, state_url, tmp_path):  # noqa: F811
+    # In MySQL a schema is a database: the sync reads "<other db>.contacts".
+    other = sa.make_url(mysql_url).database + "_sales"
+    engine = sa.create_engine(mysql_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE `{other}`"))
+    try:
+        crm = Crm(mysql_url, schema=other)
+        crm.insert([contact(i) for i in range(1, 11)])
+        config = write_config(
+            tmp_path / "syncd.toml", source_url=mysql_url, api_url=api.url, state_url=state_url, table=f"{other}.contacts"
+        )
+        assert once(config) == 0
+        api.wait_inserted("1466", 10)
+        assert len(stored(api)) == 10
+        crm.dispose()
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"DROP DATABASE `{other}`"))
+        engine.dispose()
+
+
+def test_rows_newer_than_settle_wait_for_the_next_cycle(source_url):
+    crm = Crm(source_url)
+    crm.insert([contact(1)], stamp=crm.stamp(age=timedelta(minutes=5)))
+    crm.insert([contact(2)], stamp=crm.stamp(age=timedelta(seconds=0)))
+    reader = Source("crm", SourceConfig(url=source_url)).reader(sync_config(settle="60s"))
+    assert [row[1] for row in read_all(reader)] == [1]  # row 2 is inside the settle window
+    reader = Source("crm", SourceConfig(url=source_url)).reader(sync_config(settle="0s"))
+    assert [row[1] for row in read_all(reader)] == [1, 2]
+    crm.dispose()
+
+
+def test_keyset_cursor_continues_inside_a_run_of_equal_watermarks(source_url):
+    crm = Crm(source_url)
+    same = crm.stamp(age=timedelta(minutes=1))
+    crm.insert([contact(i) for i in range(1, 11)], stamp=same)
+    reader = Source("crm", SourceConfig(url=source_url)).reader(sync_config())
+    rows = read_all(reader)
+    assert [row[1] for row in rows] == list(range(1, 11))
+    after_four = Cursor(rows[3][0], rows[3][1])
+    assert [row[1] for row in read_all(reader, after_four, batch=3)] == list(range(5, 11))
+    crm.dispose()
+
+
+def test_sqlite_text_timestamps_in_mixed_spellings_compare_as_instants(sqlite_url):
+    engine = sa.create_engine(sqlite_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE contacts (id INTEGER PRIMARY KEY, first_name TEXT, updated_at TIMESTAMP NOT NULL)"))
+        conn.execute(
+            sa.text("INSERT INTO contacts VALUES (1, 'a', '2024-01-01 10:00:00'), (2, 'b', '2024-01-01T10:00:00.000000'),"
+                    " (3, 'c', '2024-01-01 10:00:00.500'), (4, 'd', '2024-01-01 09:59:59')")
+        )
+    reader = Source("crm", SourceConfig(url=sqlite_url)).reader(sync_config())
+    rows = read_all(reader)
+    assert [row[1] for row in rows] == [4, 1, 2, 3]
+    # Resuming after row 1 must still find row 2, which is the same instant spelled differently.
+    assert [row[1] for row in read_all(reader, Cursor(rows[1][0], rows[1][1]))] == [2, 3]
+    engine.dispose()
+
+
+def test_missing_table_and_column_are_named(sqlite_url):
+    sa.create_engine(sqlite_url).connect().close()
+    reader = Source("crm", SourceConfig(url=sqlite_url)).reader(sync_config(table="nope"))
+    with pytest.raises(SourceError, match="table 'nope' not found"):
+        read_bound(reader)
