@@ -1,0 +1,414 @@
+"""`syncd run` as an operator meets it: a real subprocess, signals, sd_notify, logs, metrics.
+
+Each test starts the daemon on a SQLite CRM with the simulator in-process, waits for
+conditions by polling (every wait has a timeout) and kills the daemon in a finally.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from syncd.cycle import CycleReport
+from syncd.daemon import ProgressLog, effective_config
+from syncd.simulator import SimulatorConfig, start_in_thread
+
+from .crm import TOKEN, Crm, contact, write_config
+
+WRONG_KEY = "wrong-key-0c4a7d"
+
+
+# ---------------------------------------------------------------------------- harness
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+class RunningDaemon:
+    """`syncd run -c CONFIG` in a subprocess, its output in files (a pipe could fill up)."""
+
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.stderr_path = config.parent / "daemon.stderr"
+        self.stdout_path = config.parent / "daemon.stdout"
+        self._stderr = self.stderr_path.open("wb")
+        self._stdout = self.stdout_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "syncd.cli", "run", "-c", str(config)],
+            stdout=self._stdout,
+            stderr=self._stderr,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+
+    def lines(self) -> list[str]:
+        text = self.stdout_path.read_text() + self.stderr_path.read_text()
+        return [line for line in text.splitlines() if line.strip()]
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        found = []
+        for line in self.lines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if name is None or event.get("event") == name:
+                found.append(event)
+        return found
+
+    def wait_event(self, name: str, timeout: float = 10, where: Callable[[dict], bool] = lambda e: True) -> dict:
+        def seen() -> dict | None:
+            assert self.proc.poll() is None, f"daemon exited ({self.proc.returncode}):\n" + "\n".join(self.lines()[-20:])
+            return next((e for e in self.events(name) if where(e)), None)
+
+        return wait_for(seen, timeout, f"log event {name!r}")
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait_exit(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self._stderr.close()
+        self._stdout.close()
+
+
+@pytest.fixture
+def api() -> Iterator[Any]:
+    with start_in_thread(SimulatorConfig(tokens=(TOKEN,), key_attribute="accountid")) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+def crm(sqlite_url: str) -> Iterator[Crm]:
+    crm = Crm(sqlite_url)
+    yield crm
+    crm.dispose()
+
+
+@pytest.fixture
+def daemons() -> Iterator[Callable[..., RunningDaemon]]:
+    started: list[RunningDaemon] = []
+
+    def start(config: Path, env: dict[str, str] | None = None) -> RunningDaemon:
+        daemon = RunningDaemon(config, env)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.close()
+
+
+def daemon_config(
+    tmp_path: Path,
+    crm: Crm,
+    api: Any,
+    *,
+    interval: str = "1s",
+    top: str = "",
+    extra_fields: str = "",
+    **kwargs: Any,
+) -> Path:
+    """tests/crm.py's config, at log level info, with top-level keys and extra fields."""
+    path = write_config(
+        tmp_path / "syncd.toml",
+        source_url=crm.url,
+        api_url=api.url,
+        state_url=f"sqlite:///{tmp_path / 'state.db'}",
+        **kwargs,
+    )
+    text = path.read_text().replace('level = "warning"', 'level = "info"')
+    text = text.replace('interval = "1s"', f'interval = "{interval}"')
+    return _rewrite(path, top + "\n" + text + extra_fields)
+
+
+def _rewrite(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def stored(api: Any) -> dict[str, dict]:
+    return {record["accountid"]: record for record in api.records("1466")}
+
+
+def syncd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "syncd.cli", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def assert_clean_logs(daemon: RunningDaemon, *secrets: str) -> None:
+    """What an operator piping the journal into jq relies on: JSON only, no key anywhere."""
+    lines = daemon.lines()
+    assert lines, "the daemon logged nothing"
+    for line in lines:
+        event = json.loads(line)  # raises on a non-JSON line
+        assert {"event", "level", "timestamp"} <= set(event), line
+        for secret in secrets:
+            assert secret not in line, f"secret in log line: {line}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class NotifySocket:
+    """A stand-in for systemd's notify socket: collects every datagram the daemon sends."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.1)
+        self.messages: list[dict[str, str]] = []
+        self._closed = False
+        self._thread = threading.Thread(target=self._receive, daemon=True)
+        self._thread.start()
+
+    def _receive(self) -> None:
+        while not self._closed:
+            try:
+                data = self.sock.recv(4096)
+            except (TimeoutError, OSError):
+                continue
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            self.messages.append(fields)
+
+    def index(self, key: str, value: str | None = None, after: int = -1) -> int | None:
+        for i, message in enumerate(list(self.messages)):
+            if i > after and key in message and (value is None or message[key] == value):
+                return i
+        return None
+
+    def count(self, key: str) -> int:
+        return sum(1 for message in list(self.messages) if key in message)
+
+    def close(self) -> None:
+        self._closed = True
+        self._thread.join(timeout=2)
+        self.sock.close()
+
+
+# ---------------------------------------------------------------------------- tests
+
+
+def test_sigterm_under_load_drains_in_time_and_loses_nothing(crm, api, tmp_path, daemons):
+    api.set_faults(latency_s=0.03)
+    crm.insert([contact(i) for i in range(1, 3001)])
+    config = daemon_config(tmp_path, crm, api, batch=20, top='drain_timeout = "4s"')
+    daemon = daemons(config)
+
+    wait_for(lambda: api.received("1466") >= 300, 20, "the backfill to be under way")
+    stopped_at = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit(timeout=4 + 5) == 0
+    assert time.monotonic() - stopped_at < 4 + 3
+    assert daemon.events("stopping") and daemon.events("stopped")
+    assert len(stored(api)) < 3000, "the backfill finished before SIGTERM; the test proves nothing"
+
+    api.set_faults(latency_s=0)
+    done = syncd("once", "-c", str(config), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    api.wait_inserted("1466", 3000)
+    assert len(stored(api)) == 3000
+    assert_clean_logs(daemon, TOKEN)
+
+
+def test_sighup_applies_mapping_and_interval_and_rejects_a_broken_config(crm, api, tmp_path, daemons):
+    crm.insert([contact(i) for i in range(1, 21)])
+    config = daemon_config(tmp_path, crm, api, interval="60s")
+    daemon = daemons(config)
+    wait_for(lambda: len(stored(api)) == 20, 15, "the first cycle, run at start")
+    good = config.read_text()
+
+    # A new constant attribute, and a 60s interval down to 1s.
+    _rewrite(config, good.replace('interval = "60s"', 'interval = "1s"') + '\norigin = { value = "crm" }\n')
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_event("config_reloaded", where=lambda e: e["changed"] == ["contacts"])
+    for i in (21, 22):  # each arrives within seconds: the 60s interval is gone
+        crm.insert([contact(i)])
+        wait_for(lambda: f"acct-{i}" in stored(api), 6, f"row {i} after the reload")
+        assert stored(api)[f"acct-{i}"]["origin"] == "crm"
+
+    # A broken file is refused with the reason; the running config keeps syncing.
+    _rewrite(config, config.read_text().replace('interval = "1s"', 'interval = "soon"'))
+    daemon.signal(signal.SIGHUP)
+    rejected = daemon.wait_event("reload_rejected")
+    assert rejected["level"] == "error"
+    assert "interval" in rejected["problem"] and str(config) in rejected["problem"]
+    crm.insert([contact(23)])
+    wait_for(lambda: "acct-23" in stored(api), 6, "row 23 with the old config still running")
+    assert stored(api)["acct-23"]["origin"] == "crm"
+    assert daemon.proc.poll() is None
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit(timeout=15) == 0
+    assert_clean_logs(daemon, TOKEN)
+
+
+def test_systemd_notify_protocol(crm, api, tmp_path, daemons):
+    crm.insert([contact(i) for i in range(1, 6)])
+    config = daemon_config(tmp_path, crm, api)
+    notify = NotifySocket(tmp_path / "notify.sock")
+    try:
+        daemon = daemons(config, {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"})
+        ready = wait_for(lambda: notify.index("READY", "1"), 15, "READY=1")
+        wait_for(lambda: notify.count("WATCHDOG") >= 3, 5, "repeated WATCHDOG=1")
+        wait_for(lambda: any("1 ok" in m.get("STATUS", "") for m in notify.messages), 10, "STATUS with the sync ok")
+
+        daemon.signal(signal.SIGHUP)
+        reloading = wait_for(lambda: notify.index("RELOADING", "1", after=ready), 5, "RELOADING=1")
+        assert int(notify.messages[reloading]["MONOTONIC_USEC"]) > 0
+        wait_for(lambda: notify.index("READY", "1", after=reloading), 5, "READY=1 after the reload")
+        beats = notify.count("WATCHDOG")
+        wait_for(lambda: notify.count("WATCHDOG") > beats, 3, "WATCHDOG=1 after the reload")
+
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit(timeout=15) == 0
+        assert notify.index("STOPPING", "1", after=reloading) is not None
+    finally:
+        notify.close()
+
+
+def test_wrong_key_is_auth_error_and_a_new_key_in_the_file_resumes(crm, api, tmp_path, daemons):
+    crm.insert([contact(i) for i in range(1, 11)])
+    token_file = tmp_path / "api-token"
+    token_file.write_text(WRONG_KEY + "\n")
+    config = daemon_config(tmp_path, crm, api, token_file=token_file)
+    daemon = daemons(config)
+
+    def state() -> str | None:
+        result = syncd("status", "-c", str(config), "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)["syncs"][0]["state"]
+
+    wait_for(lambda: state() == "auth_error", 20, "state auth_error", every=0.3)
+    assert not stored(api)
+
+    token_file.write_text(TOKEN + "\n")  # the rotated key, no restart, no reload
+    wait_for(lambda: len(stored(api)) == 10, 20, "records after the key was fixed")
+    wait_for(lambda: state() == "ok", 10, "state ok", every=0.3)
+    assert daemon.proc.poll() is None
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit(timeout=15) == 0
+    assert_clean_logs(daemon, TOKEN, WRONG_KEY)
+
+
+def test_metrics_endpoint_serves_the_families(crm, api, tmp_path, daemons):
+    crm.insert([contact(i) for i in range(1, 6)])
+    port = free_port()
+    config = daemon_config(tmp_path, crm, api)
+    _rewrite(config, config.read_text().replace("[api]", f'[metrics]\nlisten = "127.0.0.1:{port}"\n\n[api]'))
+    daemon = daemons(config)
+    wait_for(lambda: len(stored(api)) == 5, 15, "the first cycle")
+
+    def scrape() -> str:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+                return response.read().decode()
+        except OSError:
+            return ""
+
+    families = (
+        "syncd_rows_read_total",
+        "syncd_records_sent_total",
+        "syncd_pushes_total",
+        "syncd_push_duration_seconds",
+        "syncd_cycle_duration_seconds",
+        "syncd_watermark_lag_seconds",
+        "syncd_backlog_rows",
+        "syncd_sync_state",
+    )
+    text = wait_for(lambda: (t := scrape()) and all(f in t for f in families) and t, 10, "every family")
+    assert 'syncd_records_sent_total{sync="contacts"} 5.0' in text
+    assert 'syncd_sync_state{state="ok",sync="contacts"} 1.0' in text
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit(timeout=15) == 0
+
+
+def test_a_broken_config_exits_2_with_the_reason(tmp_path):
+    config = tmp_path / "syncd.toml"
+    config.write_text('[api]\nurl = "ftp://nowhere"\ntoken = "x"\n')
+    result = syncd("run", "-c", str(config))
+    assert result.returncode == 2
+    assert "api.url" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------- units
+
+
+def test_reload_keeps_restart_only_settings(tmp_path):
+    from syncd.config import load_config
+
+    def config(state: str, url: str, rate: int) -> Any:
+        path = tmp_path / "c.toml"
+        path.write_text(
+            f'[state]\nurl = "{state}"\n[api]\nurl = "{url}"\ntoken_file = "/t"\nrequests_per_second = {rate}\n'
+            '[sources.crm]\nurl = "sqlite://"\n'
+            '[[syncs]]\nname = "a"\nsource = "crm"\ntable = "t"\nkey = "id"\nwatermark = "w"\n'
+            'datastore_id = "1"\nfeed_id = "2"\n[syncs.fields]\nx = "y"\n'
+        )
+        return load_config(path)
+
+    running = config("sqlite:///a.db", "http://a/x", 5)
+    effective, needs_restart = effective_config(running, config("sqlite:///b.db", "http://b/x", 7))
+    assert needs_restart == ["state", "api.url"]
+    assert effective.state.url == "sqlite:///a.db" and effective.api.url == "http://a/x"
+    assert effective.api.requests_per_second == 7  # applied live
+
+
+def test_progress_is_rate_limited_and_estimates_the_rest(caplog_json=None):
+    class Reader:
+        def backlog(self, cursor: Any) -> int:
+            return 900
+
+    class Runner:
+        reader = Reader()
+
+        class state:
+            @staticmethod
+            def cursor(name: str) -> None:
+                return None
+
+    import structlog
+
+    progress = ProgressLog(lambda: {"contacts": Runner()}, every=0.0)
+    with structlog.testing.capture_logs() as logged:
+        progress(CycleReport("contacts", rows_read=10))  # no cycle begun: ignored
+        progress.begin("contacts", "sync")
+        progress(CycleReport("contacts", rows_read=100))
+        progress(CycleReport("contacts", rows_read=400))
+    lines = [e for e in logged if e["event"] == "progress"]
+    assert [e["rows_done"] for e in lines] == [100, 400]
+    assert lines[1]["remaining"] == 600 and lines[1]["eta_s"] is not None
+
+    slow = ProgressLog(lambda: {}, every=60.0)
+    with structlog.testing.capture_logs() as logged:
+        slow.begin("contacts", "sync")
+        slow(CycleReport("contacts", rows_read=100))
+    assert not logged  # shorter than the interval: nothing to report
