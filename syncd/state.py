@@ -273,19 +273,24 @@ class StateStore:
         return Cursor(decode_value(row.watermark), decode_value(row.watermark_key))
 
     def acquire_lease(self, sync: str, ttl: timedelta) -> bool:
-        """Take or renew the right to run `sync`; False while another live owner holds it."""
+        """Take or renew the right to run `sync`; False while another live owner holds it.
+
+        An owner whose lease ran out is taken over; so is one on this host whose process
+        is gone (a `kill -9` must not block the next `syncd once` for a whole lease).
+        """
         now = utcnow()
+        claimable = sa.or_(
+            syncs_table.c.owner.is_(None),
+            syncs_table.c.owner == self.owner,
+            syncs_table.c.lease_until < now,
+        )
+        holder, _ = self.lease_holder(sync)
+        if holder is not None and _dead_local_owner(holder):
+            claimable = sa.or_(claimable, syncs_table.c.owner == holder)
         with self.engine.begin() as conn:
             result = conn.execute(
                 syncs_table.update()
-                .where(syncs_table.c.name == sync)
-                .where(
-                    sa.or_(
-                        syncs_table.c.owner.is_(None),
-                        syncs_table.c.owner == self.owner,
-                        syncs_table.c.lease_until < now,
-                    )
-                )
+                .where(syncs_table.c.name == sync, claimable)
                 .values(owner=self.owner, lease_until=now + ttl)
             )
         return result.rowcount == 1
@@ -502,6 +507,20 @@ class StateStore:
                 .where(dead_letters_table.c.id.in_(ids), dead_letters_table.c.resolved_at.is_(None))
                 .values(resolved_at=utcnow(), resolution="discarded")
             ).rowcount
+
+
+def _dead_local_owner(owner: str) -> bool:
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, just not ours
+    return False
 
 
 def _upsert_digests(conn: sa.Connection, sync: str, acked: Sequence[tuple[str, bytes]]) -> None:
