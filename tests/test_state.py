@@ -1,0 +1,157 @@
+"""The state database: lossless watermarks, atomic batch commits, leases, dead letters, migrations."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from syncd.state import (
+    Cursor,
+    DeadLetter,
+    LeaseLost,
+    PushRecord,
+    StateStore,
+    decode_value,
+    encode_value,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'state.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    store = StateStore(url)
+    store.migrate()
+    store.ensure_syncs(["contacts"])
+    yield store
+    store.close()
+
+
+def push(outcome: str = "ack", count: int = 2) -> PushRecord:
+    return PushRecord(
+        kind="sync",
+        sent_at=datetime.now(UTC),
+        record_count=count,
+        attempt=1,
+        duration_ms=3.5,
+        outcome=outcome,
+        http_status=200,
+        api_code=0,
+        trans_id="t-1",
+        correlation_id="c-1",
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=UTC),
+        datetime(2026, 1, 2, 3, 4, 5, 999999),
+        date(2026, 1, 2),
+        Decimal("12345678901234567890.000001"),
+        2**62,
+        "2026-01-02 03:04:05.123",
+        None,
+    ],
+)
+def test_watermarks_round_trip_losslessly(value):
+    assert decode_value(encode_value(value)) == value
+    assert type(decode_value(encode_value(value))) is type(value)
+
+
+def test_batch_commit_moves_watermark_digests_and_push_together(store):
+    assert store.acquire_lease("contacts", timedelta(seconds=30))
+    store.commit_batch(
+        "contacts",
+        cursor=Cursor(datetime(2026, 1, 1, tzinfo=UTC), 7),
+        acked=[("6", b"a" * 16), ("7", b"b" * 16)],
+        pushes=[push()],
+        lease_ttl=timedelta(seconds=30),
+    )
+    assert store.cursor("contacts") == Cursor(datetime(2026, 1, 1, tzinfo=UTC), 7)
+    assert store.known_digests("contacts", ["6", "7", "8"]) == {"6": b"a" * 16, "7": b"b" * 16}
+    assert store.status()[0].records_sent == 2
+    assert store.pushes("contacts")[0]["trans_id"] == "t-1"
+
+
+def test_a_lost_lease_commits_nothing(store):
+    assert store.acquire_lease("contacts", timedelta(seconds=30))
+    other = StateStore(store.url)
+    with other.engine.begin() as conn:  # another daemon took over after our lease ran out
+        conn.execute(sa.text("UPDATE syncs SET owner = 'elsewhere:1:x' WHERE name = 'contacts'"))
+    with pytest.raises(LeaseLost):
+        store.commit_batch(
+            "contacts", cursor=Cursor(5, 5), acked=[("5", b"c" * 16)], pushes=[push()], lease_ttl=timedelta(seconds=30)
+        )
+    assert store.cursor("contacts") is None
+    assert store.known_digests("contacts", ["5"]) == {}
+    assert store.pushes("contacts") == []
+    other.close()
+
+
+def test_only_one_owner_at_a_time_and_expired_leases_are_taken_over(store):
+    first, second = store, StateStore(store.url)
+    assert first.acquire_lease("contacts", timedelta(seconds=30))
+    assert not second.acquire_lease("contacts", timedelta(seconds=30))
+    assert first.acquire_lease("contacts", timedelta(seconds=-1))  # renewed, but already expired
+    assert second.acquire_lease("contacts", timedelta(seconds=30))
+    second.close()
+
+
+def test_a_lease_of_a_dead_local_process_is_taken_over(store):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    owner = f"{store.owner.split(':')[0]}:{dead.stdout.strip()}:gone"
+    with store.engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE syncs SET owner = :owner, lease_until = :until WHERE name = 'contacts'"),
+            {"owner": owner, "until": datetime.now(UTC) + timedelta(hours=1)},
+        )
+    assert store.acquire_lease("contacts", timedelta(seconds=30))
+
+
+def test_one_open_dead_letter_per_key_resolved_by_a_later_push(store):
+    letter = DeadLetter(key="9", reason="invalid row: msisdn: '12' is not a valid phone number", payload={"phone": "12"})
+    store.commit_batch("contacts", cursor=None, dead_letters=[letter])
+    store.commit_batch("contacts", cursor=None, dead_letters=[letter])
+    (open_letter,) = store.dead_letters("contacts")
+    assert open_letter.attempts == 2 and open_letter.payload == {"phone": "12"}
+    store.commit_batch("contacts", cursor=None, acked=[("9", b"d" * 16)], pushes=[push(count=1)], resolve_keys=["9"])
+    assert list(store.dead_letters("contacts")) == []
+    (resolved,) = store.dead_letters("contacts", include_resolved=True)
+    assert resolved.resolution == "delivered"
+
+
+def test_migrations_run_from_the_built_wheel(tmp_path):
+    """The wheel carries the Alembic environment: `syncd migrate` works from an install."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("syncd-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "syncd/migrations/env.py" in names
+    assert any(name.startswith("syncd/migrations/versions/0001") for name in names)
+    installed = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(installed)
+    state = tmp_path / "state.db"
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import syncd.state as s; "
+        "assert s.__file__.startswith(sys.argv[1]), s.__file__; "
+        "st = s.StateStore(sys.argv[2]); st.migrate(); print(st.schema_is_current())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(installed), f"sqlite:///{state}"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert result.stdout.strip() == "True", result.stderr
