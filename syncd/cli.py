@@ -41,6 +41,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("syncd: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # a bug or an unforeseen environment problem: say what, not where
+        from syncd.logs import get_logger, scrub
+
+        get_logger("syncd.cli").error("unexpected_error", exc_info=True)
+        print(f"syncd: unexpected error: {type(error).__name__}: {scrub(str(error))}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -31,7 +31,7 @@ import structlog
 from structlog.tracebacks import ExceptionDictTransformer
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-__all__ = ["configure_logging", "get_logger", "register_secret"]
+__all__ = ["configure_logging", "get_logger", "register_secret", "scrub"]
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -223,13 +223,14 @@ class _Finish:
 
     def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> str:
         level = event_dict.get("level", "info")
-        line = _scrub(str(self._render(logger, name, event_dict)))
+        line = scrub(str(self._render(logger, name, event_dict)))
         if self._journald:
             return f"<{_PRIORITY.get(level, 6)}>{line}"
         return line
 
 
-def _scrub(text: str) -> str:
+def scrub(text: str) -> str:
+    """``text`` with every registered secret, bearer token and URL password replaced."""
     secrets = _secrets
     if secrets is not None:
         text = secrets.sub(REDACTED, text)
