@@ -255,18 +255,24 @@ def _reset(args: argparse.Namespace) -> int:
     config = _load(args)
     sync = config.sync(args.sync)
     from syncd.source import SourceError, parse_watermark
+    from syncd.state import key_text
 
     with _open_runtime(config) as runtime:
-        runner = runtime.runners[sync.name]
+        reader = runtime.runners[sync.name].reader
         try:
-            cursor = parse_watermark(runner.reader, args.to) if args.to is not None else None
+            try:
+                cursor = parse_watermark(reader, args.to) if args.to is not None else None
+            except ValueError as error:
+                raise ConfigError(f"--to {args.to!r}: {error}") from None
+            # Forget the digests of exactly the rows that will be re-read, so they are resent.
+            forget = None
+            if not args.keep_digests:
+                forget = () if cursor is None else ([key_text(k) for k in keys] for keys in reader.keys_after(cursor))
+            runtime.state.reset(sync.name, cursor, forget=forget)
         except SourceError as error:
             raise CommandError(str(error)) from None
-        except ValueError as error:
-            raise ConfigError(f"--to {args.to!r}: {error}") from None
-        runtime.state.reset(sync.name, cursor, forget_digests=not args.keep_digests)
     where = "the start" if args.to is None else args.to
-    print(f"{sync.name}: watermark reset to {where}" + ("" if args.keep_digests else "; unchanged rows will be sent again"))
+    print(f"{sync.name}: watermark reset to {where}" + ("" if args.keep_digests else "; the rows re-read will be sent again"))
     return EXIT_OK
 
 

@@ -281,6 +281,17 @@ class TableReader:
         query = sa.select(key.label("__key"), *self._columns()).order_by(key)
         yield from self._chunks(query, lambda last: None if last is None else key > last[0], batch_rows)
 
+    def keys_after(self, cursor: Cursor | None, batch_rows: int = 5000) -> Iterator[list[Any]]:
+        """Keys of the rows past `cursor` (what a `reset --to` will re-read), in batches."""
+        key = self.table.c[self.sync.key]
+        query = sa.select(self._watermark_expr().label("__wm"), key.label("__key")).order_by(
+            self._watermark_expr(), key
+        )
+        for rows in self._chunks(
+            query, lambda last: self._after(cursor if last is None else Cursor(last[0], last[1])), batch_rows
+        ):
+            yield [row[1] for row in rows]
+
     def rows_by_keys(self, keys: list[str]) -> Iterator[list[tuple[Any, ...]]]:
         """The current rows for stored (text) keys, `(key, *columns)`, in batches of 500."""
         key = self.table.c[self.sync.key]

@@ -331,8 +331,12 @@ class StateStore:
         with self.engine.begin() as conn:
             conn.execute(syncs_table.update().where(syncs_table.c.name == sync).values(**values))
 
-    def reset(self, sync: str, cursor: Cursor | None, *, forget_digests: bool) -> None:
-        """Move the watermark (None = the beginning). Forgetting digests makes every row resend."""
+    def reset(self, sync: str, cursor: Cursor | None, *, forget: Iterable[Sequence[str]] | None) -> None:
+        """Move the watermark (None = the beginning) and forget the digests of `forget`'s keys.
+
+        `forget` yields batches of keys whose rows must be sent again; None forgets none.
+        A reset to the beginning forgets every digest of the sync.
+        """
         with self.engine.begin() as conn:
             conn.execute(
                 syncs_table.update()
@@ -342,8 +346,15 @@ class StateStore:
                     watermark_key=None if cursor is None else encode_value(cursor.key),
                 )
             )
-            if forget_digests:
+            if forget is None:
+                return
+            if cursor is None:
                 conn.execute(digests_table.delete().where(digests_table.c.sync == sync))
+                return
+            for keys in forget:
+                conn.execute(
+                    digests_table.delete().where(digests_table.c.sync == sync, digests_table.c.key.in_(keys))
+                )
 
     # -- the hot path
 
