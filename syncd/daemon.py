@@ -387,6 +387,8 @@ class Daemon:
         self._capacity = jobs_needed(config) + 1
         scheduler_log = logging.getLogger("apscheduler.scheduler")
         scheduler_log.addFilter(_ExpectedOverlap())
+        # Two "Running job"/"executed" lines per heartbeat would drown `level = "debug"`.
+        logging.getLogger("apscheduler.executors.heartbeat").setLevel(logging.WARNING)
         self.scheduler = BackgroundScheduler(
             logger=scheduler_log,
             jobstores={"default": MemoryJobStore()},
@@ -405,7 +407,7 @@ class Daemon:
         for sync in config.syncs:
             slot = _Slot(sync, self.runtime.runners[sync.name])
             self.slots[sync.name] = slot
-            self._schedule(slot, run_now=True)
+            self._schedule(slot, sync, run_now=True)
         self.scheduler.start()
         self.notifier.ready(status=self._status_line())
         log.info(
@@ -480,8 +482,9 @@ class Daemon:
 
     # -- jobs
 
-    def _schedule(self, slot: _Slot, *, run_now: bool) -> None:
-        sync = slot.sync
+    def _schedule(self, slot: _Slot, sync: SyncConfig, *, run_now: bool) -> None:
+        """(Re)place the slot's jobs for `sync`, which for a changed sync is the new
+        config while its old runner may still be finishing a cycle."""
         extra: dict[str, Any] = {"next_run_time": _now()} if run_now else {}
         self.scheduler.add_job(
             self._run_job,
@@ -622,6 +625,11 @@ class Daemon:
             if name in added:
                 runtime.runners[name] = built[name]
                 slot = self.slots[name] = _Slot(sync, built[name])
+                # Removed earlier and back before its last cycle ended: share that cycle's
+                # lock (so the two never overlap) and cancel its clean-up.
+                for previous in [s for s in self._retiring if s.name == name]:
+                    self._retiring.remove(previous)
+                    slot.lock = previous.lock
             elif name in changed:
                 slot = self.slots[name]
                 slot.pending = (sync, built[name])
@@ -629,9 +637,9 @@ class Daemon:
                 slot = self.slots[name]
                 slot.runner.stopped = None  # a reload is how an operator says "config fixed"
                 if self._executor_moved:
-                    self._schedule(slot, run_now=False)
+                    self._schedule(slot, sync, run_now=False)
                 continue
-            self._schedule(slot, run_now=True)
+            self._schedule(slot, sync, run_now=True)
         self._executor_moved = False
         return {"added": added, "removed": removed, "changed": changed, "unchanged": unchanged}
 

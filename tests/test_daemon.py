@@ -206,6 +206,11 @@ class NotifySocket:
                 return i
         return None
 
+    def wait(self, key: str, value: str | None = None, after: int = -1, timeout: float = 5) -> int:
+        """The index of the first matching message after `after` (0 is a valid index)."""
+        found = wait_for(lambda: (i := self.index(key, value, after)) is not None and (i,), timeout, f"{key}={value}")
+        return found[0]
+
     def count(self, key: str) -> int:
         return sum(1 for message in list(self.messages) if key in message)
 
@@ -277,20 +282,20 @@ def test_systemd_notify_protocol(crm, api, tmp_path, daemons):
     notify = NotifySocket(tmp_path / "notify.sock")
     try:
         daemon = daemons(config, {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"})
-        ready = wait_for(lambda: notify.index("READY", "1"), 15, "READY=1")
+        ready = notify.wait("READY", "1", timeout=15)
         wait_for(lambda: notify.count("WATCHDOG") >= 3, 5, "repeated WATCHDOG=1")
         wait_for(lambda: any("1 ok" in m.get("STATUS", "") for m in notify.messages), 10, "STATUS with the sync ok")
 
         daemon.signal(signal.SIGHUP)
-        reloading = wait_for(lambda: notify.index("RELOADING", "1", after=ready), 5, "RELOADING=1")
+        reloading = notify.wait("RELOADING", "1", after=ready)
         assert int(notify.messages[reloading]["MONOTONIC_USEC"]) > 0
-        wait_for(lambda: notify.index("READY", "1", after=reloading), 5, "READY=1 after the reload")
+        notify.wait("READY", "1", after=reloading)
         beats = notify.count("WATCHDOG")
         wait_for(lambda: notify.count("WATCHDOG") > beats, 3, "WATCHDOG=1 after the reload")
 
         daemon.signal(signal.SIGTERM)
         assert daemon.wait_exit(timeout=15) == 0
-        assert notify.index("STOPPING", "1", after=reloading) is not None
+        notify.wait("STOPPING", "1", after=reloading, timeout=1)
     finally:
         notify.close()
 
