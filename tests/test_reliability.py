@@ -265,19 +265,20 @@ def _syncd(*args: str) -> list[str]:
     return [sys.executable, "-c", "import sys; from syncd.cli import main; sys.exit(main())", *args]
 
 
-def test_kill_9_mid_backfill_costs_at_most_the_in_flight_batches(pg_crm, api, cli, tmp_path, state_path):
+@pytest.mark.parametrize("command", ["once", "run"])
+def test_kill_9_mid_backfill_costs_at_most_the_in_flight_batches(pg_crm, api, cli, tmp_path, state_path, command):
     rows, batch, in_flight = 3000, 20, 2
     pg_crm.insert([contact(i) for i in range(1, rows + 1)])
     api.set_faults(rate_limit=25, retry_after=0.02, latency_s=0.01)
     config = config_for(pg_crm, api, tmp_path, state_path, batch=batch, extra_api="max_attempts = 50")
+    argv = [command, "-c", str(config)] + (["--no-progress"] if command == "once" else [])
 
-    process = subprocess.Popen(
-        _syncd("once", "-c", str(config), "--no-progress"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    def start() -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            _syncd(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+
+    process = start()
     try:
         wait_for(lambda: api.received(DATASTORE) >= 400 or process.poll() is not None, timeout=60, what="400 records")
         assert process.poll() is None, "the backfill finished before it could be killed"
@@ -286,13 +287,24 @@ def test_kill_9_mid_backfill_costs_at_most_the_in_flight_batches(pg_crm, api, cl
         out, err = process.communicate(timeout=10)
     cli.outputs += [out, err]
     assert process.returncode == -signal.SIGKILL
-    before = api.received(DATASTORE)
-    assert before < rows
+    assert api.received(DATASTORE) < rows
 
     api.set_faults(rate_limit=None)
-    code, out, _ = cli.once(config)
-
-    assert code == 0, out
+    if command == "once":
+        code, out, _ = cli.once(config)
+        assert code == 0, out
+    else:
+        process = start()
+        try:
+            wait_for(lambda: len(stored(api)) == rows, timeout=60, what="the restarted daemon to finish")
+            process.send_signal(signal.SIGTERM)
+            out, err = process.communicate(timeout=20)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+        cli.outputs += [out, err]
+        assert process.returncode == 0, err
     assert_no_row_lost(pg_crm, api)
     wait_for(lambda: api.received(DATASTORE) == acked_records(api), what="every ACKed record inserted")
     duplicates = api.received(DATASTORE) - rows
@@ -494,3 +506,37 @@ def test_secrets_stay_out_of_state_status_dead_letters_and_logs(pg_crm, api, cli
     assert {letter["key"] for letter in cli.dead_letters(config)} == {"3", "7"}
     assert_no_row_lost(pg_crm, api, except_ids={3, 7})
     # The fixture's teardown reads status --json, every dead letter and the state db bytes.
+
+
+def test_postgres_gate_unavailable_is_said_once_and_settle_still_works(pg_crm, api, cli, tmp_path, state_path):
+    """A role that cannot see other sessions falls back to `settle`, with one warning per run."""
+    role = "syncd_nostats_" + os.urandom(4).hex()
+    url = sa.make_url(pg_crm.url)
+    schema = url.query["options"].removeprefix("-csearch_path=")
+    with pg_crm.engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE ROLE {role} LOGIN PASSWORD 'pw-{role}'"))
+        conn.execute(sa.text(f'GRANT USAGE ON SCHEMA "{schema}" TO {role}'))
+        conn.execute(sa.text(f'GRANT SELECT ON "{schema}".contacts TO {role}'))
+    try:
+        pg_crm.insert([contact(i) for i in range(1, 31)])
+        restricted = url.set(username=role, password=f"pw-{role}").render_as_string(hide_password=False)
+        config = write_config(
+            tmp_path / "syncd.toml",
+            source_url=restricted,
+            api_url=api.url,
+            state_url=f"sqlite:///{state_path}",
+            settle="0.3s",
+        )
+        code, out, err = cli.once(config)
+        assert code == 0, out + err
+        assert err.count("open_transaction_gate_unavailable") == 1, err
+        assert "pg_read_all_stats" in err
+        assert_no_row_lost(pg_crm, api)
+    finally:
+        with pg_crm.engine.begin() as conn:
+            conn.execute(sa.text(f'REVOKE ALL ON ALL TABLES IN SCHEMA "{schema}" FROM {role}'))
+            conn.execute(sa.text(f'REVOKE USAGE ON SCHEMA "{schema}" FROM {role}'))
+        pg_crm.engine.dispose()
+        with sa.create_engine(pg_crm.url).begin() as conn:
+            conn.execute(sa.text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"))
+            conn.execute(sa.text(f"DROP ROLE {role}"))
