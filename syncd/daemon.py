@@ -355,9 +355,8 @@ class Daemon:
     # -- lifecycle
 
     def run(self) -> int:
-        # Before any thread exists, so no other thread is ever picked to run a handler's
-        # C-level part; and before the (possibly slow) migrations, so SIGTERM during
-        # startup is seen as soon as the loop starts instead of killing mid-migration.
+        # Before the (possibly slow) migrations: a SIGTERM during startup then stops the
+        # daemon cleanly once the loop starts, instead of killing it mid-migration.
         self.signals.install()
         try:
             if not self._start():
@@ -373,8 +372,8 @@ class Daemon:
             self.runtime = Runtime.open(
                 config, should_stop=self.signals.should_stop, on_progress=self.progress
             )
-        except Exception as error:
-            log.error("startup_failed", step="open runtime", error=_one_line(error))
+        except Exception:  # state db unreachable, migration failed, ...: exit 1, not a crash
+            log.exception("startup_failed", step="open runtime")
             return False
         if config.metrics.listen:
             try:
@@ -408,13 +407,14 @@ class Daemon:
             slot = _Slot(sync, self.runtime.runners[sync.name])
             self.slots[sync.name] = slot
             self._schedule(slot, sync, run_now=True)
+        self._beat = time.monotonic()  # startup (migrations) is not a stalled scheduler
         self.scheduler.start()
         self.notifier.ready(status=self._status_line())
         log.info(
             "daemon_started",
             syncs=[sync.name for sync in config.syncs],
-            metrics=self.metrics_server and f"{config.metrics.listen}",
-            watchdog_s=self._watchdog and self._watchdog * 2,
+            metrics=config.metrics.listen,
+            watchdog_s=self._watchdog * 2 if self._watchdog else None,
         )
         return True
 

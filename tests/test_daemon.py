@@ -103,8 +103,10 @@ def api() -> Iterator[Any]:
 
 
 @pytest.fixture
-def crm(sqlite_url: str) -> Iterator[Crm]:
-    crm = Crm(sqlite_url)
+def crm(request: pytest.FixtureRequest) -> Iterator[Crm]:
+    """A SQLite CRM, or `@pytest.mark.parametrize("crm", [...], indirect=True)` for others."""
+    database = getattr(request, "param", "sqlite")
+    crm = Crm(request.getfixturevalue(f"{database}_url"))
     yield crm
     crm.dispose()
 
@@ -223,6 +225,7 @@ class NotifySocket:
 # ---------------------------------------------------------------------------- tests
 
 
+@pytest.mark.parametrize("crm", ["sqlite", "postgres"], indirect=True)
 def test_sigterm_under_load_drains_in_time_and_loses_nothing(crm, api, tmp_path, daemons):
     api.set_faults(latency_s=0.03)
     crm.insert([contact(i) for i in range(1, 3001)])
@@ -296,6 +299,7 @@ def test_systemd_notify_protocol(crm, api, tmp_path, daemons):
         daemon.signal(signal.SIGTERM)
         assert daemon.wait_exit(timeout=15) == 0
         notify.wait("STOPPING", "1", after=reloading, timeout=1)
+        assert_clean_logs(daemon, TOKEN)
     finally:
         notify.close()
 
@@ -354,6 +358,7 @@ def test_metrics_endpoint_serves_the_families(crm, api, tmp_path, daemons):
     assert 'syncd_sync_state{state="ok",sync="contacts"} 1.0' in text
     daemon.signal(signal.SIGTERM)
     assert daemon.wait_exit(timeout=15) == 0
+    assert_clean_logs(daemon, TOKEN)
 
 
 def test_a_broken_config_exits_2_with_the_reason(tmp_path):
@@ -387,7 +392,7 @@ def test_reload_keeps_restart_only_settings(tmp_path):
     assert effective.api.requests_per_second == 7  # applied live
 
 
-def test_progress_is_rate_limited_and_estimates_the_rest(caplog_json=None):
+def test_progress_is_rate_limited_and_estimates_the_rest():
     class Reader:
         def backlog(self, cursor: Any) -> int:
             return 900
