@@ -328,7 +328,25 @@ def test_wrong_key_is_auth_error_and_a_new_key_in_the_file_resumes(crm, api, tmp
     assert_clean_logs(daemon, TOKEN, WRONG_KEY)
 
 
-def test_metrics_endpoint_serves_the_families(crm, api, tmp_path, daemons):
+SECOND_SYNC = """
+[[syncs]]
+name = "copy"
+source = "crm"
+table = "contacts"
+key = "id"
+watermark = "updated_at"
+interval = "1s"
+settle = "0s"
+datastore_id = "1467"
+feed_id = "1499"
+
+[syncs.fields]
+msisdn    = { column = "phone", transform = "e164", required = true }
+accountid = "account_id"
+"""
+
+
+def test_metrics_and_syncs_added_and_removed_by_reload(crm, api, tmp_path, daemons):
     crm.insert([contact(i) for i in range(1, 6)])
     port = free_port()
     config = daemon_config(tmp_path, crm, api)
@@ -353,9 +371,23 @@ def test_metrics_endpoint_serves_the_families(crm, api, tmp_path, daemons):
         "syncd_backlog_rows",
         "syncd_sync_state",
     )
-    text = wait_for(lambda: (t := scrape()) and all(f in t for f in families) and t, 10, "every family")
-    assert 'syncd_records_sent_total{sync="contacts"} 5.0' in text
+    sent = 'syncd_records_sent_total{sync="contacts"} 5.0'  # counted once the batch committed
+    text = wait_for(lambda: (t := scrape()) and sent in t and t, 10, "the sync's samples")
+    assert all(f"\n{family}" in text for family in families), text
     assert 'syncd_sync_state{state="ok",sync="contacts"} 1.0' in text
+
+    # A sync added by a reload is scheduled (and exported); removed again, its series go.
+    one_sync = config.read_text()
+    _rewrite(config, one_sync + SECOND_SYNC)
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_event("config_reloaded", where=lambda e: e["added"] == ["copy"])
+    wait_for(lambda: len(api.records("1467")) == 5, 10, "the added sync's records")
+    wait_for(lambda: 'syncd_records_sent_total{sync="copy"} 5.0' in scrape(), 5, "the added sync's metrics")
+    _rewrite(config, one_sync)
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_event("sync_removed", where=lambda e: e["sync"] == "copy")
+    text = scrape()
+    assert 'sync="copy"' not in text and 'sync="contacts"' in text
     daemon.signal(signal.SIGTERM)
     assert daemon.wait_exit(timeout=15) == 0
     assert_clean_logs(daemon, TOKEN)
