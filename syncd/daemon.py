@@ -24,6 +24,12 @@ loop still wakes up and dispatches, not just that the object exists. It delibera
 does not require sync cycles to finish: a backfill may take hours, and a restart
 would only start it over. A hung cycle shows in `syncd status` and the metrics.
 
+Stop (SIGTERM/SIGINT): `STOPPING=1`, the scheduler is paused, and every runner's
+`should_stop()` turns true, so cycles read no new batch while the batches already on
+the wire finish and commit. After `drain_timeout` the daemon exits 0 regardless: a
+thread cannot be killed, so a cycle still running then is abandoned (`os._exit`),
+which costs only its unacknowledged batches being sent again by the next run.
+
 Reload (SIGHUP) applies live: syncs added, removed or changed (mapping, schedule,
 table, anything; a changed sync gets a new runner, swapped in between cycles, and
 runs at once), sources (syncs using a changed source are rebuilt), the `[api]`
