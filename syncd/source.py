@@ -51,6 +51,7 @@ class Bound:
 
     value: Any
     gated_by_open_transaction: bool = False
+    settled: Any = None  # when gated: the source's now minus settle, which `value` stays below
 
 
 class Source:
@@ -249,7 +250,7 @@ class TableReader:
                 ).bindparams(me=APPLICATION_NAME)
             )
             if oldest is not None and oldest < value:
-                value, gated = oldest, True
+                value, settled, gated = oldest, value, True
         else:
             self.source.warn_gate_once(
                 "this role cannot see other sessions in pg_stat_activity (grant pg_read_all_stats)"
@@ -257,7 +258,9 @@ class TableReader:
         if not getattr(column.type, "timezone", False):
             # A naive column holds the session's local time: convert the bound the same way.
             value = conn.scalar(sa.select(sa.cast(sa.literal(value, sa.DateTime(timezone=True)), column.type)))
-        return Bound(value, gated)
+            if gated:
+                settled = conn.scalar(sa.select(sa.cast(sa.literal(settled, sa.DateTime(timezone=True)), column.type)))
+        return Bound(value, gated, settled if gated else None)
 
     # -- reading
 
