@@ -61,6 +61,7 @@ class CycleReport:
     duration_s: float = 0.0
     watermark: Any = None
     bound: Any = None
+    settled: Any = None  # the source's now minus settle, even when an open transaction holds `bound` back
     backlog: int | None = None
     error: str | None = None
     trans_ids: list[str] = field(default_factory=list)
@@ -149,7 +150,8 @@ class SyncRunner:
         first = self.run_cycle()
         if first.outcome != "ok" or not isinstance(first.bound, (datetime, date, str)):
             return first
-        target = _add(first.bound, self.sync.settle)
+        # From the source's clock, not the bound: an open transaction may hold the bound back.
+        target = _add(first.settled if first.settled is not None else first.bound, self.sync.settle)
         report = first
         deadline = time.monotonic() + self.sync.settle.total_seconds() + 60
         while _before(report.bound, target) and time.monotonic() < deadline and not self.should_stop():
@@ -213,6 +215,7 @@ class SyncRunner:
         cursor = self.state.cursor(self.sync.name)
         bound = read_bound(self.reader)
         report.bound = bound.value
+        report.settled = bound.settled
         report.watermark = cursor.watermark if cursor else None
         for rows in self.reader.changed_rows(cursor, bound, self.api.max_batch_records):
             yield self._prepare(rows, offset=1, cursor=Cursor(rows[-1][0], rows[-1][1]))
