@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -540,3 +541,29 @@ def test_postgres_gate_unavailable_is_said_once_and_settle_still_works(pg_crm, a
         with sa.create_engine(pg_crm.url).begin() as conn:
             conn.execute(sa.text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"))
             conn.execute(sa.text(f"DROP ROLE {role}"))
+
+
+def test_once_waits_out_an_open_transaction_instead_of_exiting_empty_handed(pg_crm, api, cli, tmp_path, state_path):
+    """Rows committed before `once` started are delivered by that `once`, even while another
+    session's transaction holds the read bound back."""
+    config = config_for(pg_crm, api, tmp_path, state_path, settle="0s")
+    other = sa.create_engine(pg_crm.url)
+    with other.connect() as conn:
+        transaction = conn.begin()
+        conn.execute(sa.text("SELECT 1"))  # a reporting session, idle in transaction
+        time.sleep(0.05)
+        pg_crm.insert([contact(i) for i in range(1, 11)], stamp=pg_crm.stamp(age=timedelta(0)))
+        result: dict[str, Any] = {}
+        thread = threading.Thread(target=lambda: result.update(code=main(["once", "-c", str(config), "--no-progress"])))
+        thread.start()
+        try:
+            time.sleep(0.5)
+            assert thread.is_alive(), "once exited while rows committed before it were still unread"
+            assert stored(api) == {}
+        finally:
+            transaction.commit()
+            thread.join(timeout=70)
+    other.dispose()
+    cli.outputs += list(cli.capfd.readouterr())
+    assert result.get("code") == 0
+    assert_no_row_lost(pg_crm, api)
