@@ -371,9 +371,11 @@ def test_metrics_and_syncs_added_and_removed_by_reload(crm, api, tmp_path, daemo
         "syncd_backlog_rows",
         "syncd_sync_state",
     )
-    sent = 'syncd_records_sent_total{sync="contacts"} 5.0'  # counted once the batch committed
-    text = wait_for(lambda: (t := scrape()) and sent in t and t, 10, "the sync's samples")
-    assert all(f"\n{family}" in text for family in families), text
+    # Samples appear as the cycle goes: counters per committed batch, gauges at its end.
+    text = wait_for(
+        lambda: (t := scrape()) and all(f"\n{family}" in t for family in families) and t, 10, "every family's samples"
+    )
+    assert 'syncd_records_sent_total{sync="contacts"} 5.0' in text
     assert 'syncd_sync_state{state="ok",sync="contacts"} 1.0' in text
 
     # A sync added by a reload is scheduled (and exported); removed again, its series go.
