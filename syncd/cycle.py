@@ -189,7 +189,8 @@ class SyncRunner:
             return
         if not self.state.acquire_lease(self.sync.name, self.lease):
             owner, until = self.state.lease_holder(self.sync.name)
-            report.outcome, report.error = "skipped", f"running on {owner} (lease until {until:%H:%M:%S})"
+            held = f" (lease until {until:%H:%M:%S} UTC)" if until else ""
+            report.outcome, report.error = "skipped", f"running on {owner or 'another syncd'}{held}"
             return
         deliverer = Deliverer(self.client, self.api, kind=report.kind, should_stop=self.should_stop)
         open_letters = self.state.open_dead_letter_count(self.sync.name) > 0
