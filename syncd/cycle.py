@@ -159,6 +159,13 @@ class SyncRunner:
             report = _merge(report, self.run_cycle())
             if report.outcome != "ok":
                 break
+        if report.outcome == "ok" and _before(report.bound, target):
+            log.warning(
+                "not_caught_up",
+                sync=self.sync.name,
+                reason="an open transaction on the source holds the read bound back",
+                bound=str(report.bound),
+            )
         return report
 
     # -- the cycle

@@ -298,13 +298,13 @@ class Deliverer:
         config: ApiConfig,
         *,
         kind: str = "sync",
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
     ) -> None:
         self.client = client
         self.config = config
         self.kind = kind
-        self.sleep = sleep
+        self.sleep = sleep or self._sleep_unless_stopping
         self.should_stop = should_stop
         self._random = random.Random()
 
@@ -373,6 +373,8 @@ class Deliverer:
                     delay_s=round(delay, 3),
                 )
                 self.sleep(delay)
+                if self.should_stop():
+                    raise  # stopping: the batch stays pending, its rows are read again next time
                 continue
             result.pushes.append(self._record(started, clock, len(records), attempt, ack=ack))
             if ack.correlation_id is None:
@@ -382,6 +384,12 @@ class Deliverer:
                     hint="the API returns `result` only for a valid datastore-id; check datastore_id",
                 )
             return
+
+    def _sleep_unless_stopping(self, seconds: float) -> None:
+        """Sleep in short slices, so a long Retry-After never holds up a drain."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0 and not self.should_stop():
+            time.sleep(min(left, 0.25))
 
     def _backoff(self, attempt: int, error: ApiError) -> float:
         ceiling = min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** (attempt - 1))

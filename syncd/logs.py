@@ -133,6 +133,8 @@ def configure_logging(
     third_party = logging.INFO if numeric <= logging.DEBUG else max(numeric, logging.WARNING)
     for name in THIRD_PARTY:
         logging.getLogger(name).setLevel(third_party)
+    # SQLAlchemy's engine logs statements *with their parameters* at INFO: CRM contact data.
+    logging.getLogger("sqlalchemy.engine").setLevel(max(third_party, logging.WARNING))
     logging.captureWarnings(True)  # a DeprecationWarning would otherwise be a non-JSON line
 
     structlog.configure(
