@@ -1,0 +1,98 @@
+"""The idle cycle's queries reach the contacts table through the (updated_at, id) index.
+
+An idle cycle on a big table is only cheap if PostgreSQL seeks to the cursor instead of
+reading the table: the keyset condition `(updated_at, id) > (:wm, :key)` must be an index
+condition on `ix_contacts_updated_at_id`, never a filter over a sequential scan. We run
+a real backfill and then a real idle cycle through `Runtime`, capture every statement the
+idle cycle sends to the source (a `before_cursor_execute` listener), and EXPLAIN each one
+that touches the table with the parameters it was sent with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from syncd.config import load_config
+from syncd.runtime import Runtime
+from syncd.simulator import SimulatorConfig, start_in_thread
+
+from .crm import TOKEN, Crm, write_config
+
+pytestmark = pytest.mark.postgres
+
+ROWS = 20_000
+INDEX = "ix_contacts_updated_at_id"
+
+
+def plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("Plans", ()):
+        yield from plan_nodes(child)
+
+
+@pytest.fixture
+def crm(postgres_url):
+    crm = Crm(postgres_url, watermark="timestamptz")
+    with crm.engine.begin() as conn:
+        # Like tests/crm.py's contact(i), generated server-side; four rows share each watermark.
+        conn.execute(
+            sa.text(
+                "INSERT INTO contacts SELECT i, 'First' || i, 'Last' || i, 'Person' || i || '@Example.COM', "
+                "'+4420' || lpad((79460000 + i)::text, 8, '0'), 'acct-' || i, "
+                "now() - interval '1 hour' + (i / 4) * interval '1 millisecond' "
+                "FROM generate_series(1, :rows) AS i"
+            ),
+            {"rows": ROWS},
+        )
+    with crm.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text("ANALYZE contacts"))
+    yield crm
+    crm.dispose()
+
+
+def test_idle_cycle_seeks_through_the_watermark_index(crm, tmp_path):
+    with start_in_thread(SimulatorConfig(tokens=(TOKEN,), store="count")) as api:
+        config = write_config(
+            tmp_path / "syncd.toml", source_url=crm.url, api_url=api.url, state_url=f"sqlite:///{tmp_path / 'state.db'}"
+        )
+        with Runtime.open(load_config(config)) as runtime:
+            runner = runtime.runners["contacts"]
+            backfill = runner.run_cycle()
+            assert (backfill.outcome, backfill.sent) == ("ok", ROWS)
+
+            engine = runner.reader.source.engine
+            sent: list[tuple[str, Any]] = []
+
+            def capture(conn, cursor, statement, parameters, context, executemany) -> None:
+                sent.append((statement, parameters))
+
+            sa.event.listen(engine, "before_cursor_execute", capture)
+            try:
+                idle = runner.run_cycle()
+            finally:
+                sa.event.remove(engine, "before_cursor_execute", capture)
+            assert (idle.outcome, idle.rows_read, idle.sent) == ("ok", 0, 0)
+
+            on_table = [(s, p) for s, p in sent if "contacts" in s and s.lstrip().upper().startswith("SELECT")]
+            assert on_table, f"the idle cycle sent no query on contacts: {[s for s, _ in sent]}"
+            keyset = [(s, p) for s, p in on_table if "ORDER BY" in s.upper()]
+            assert keyset, f"no keyset read among {[s for s, _ in on_table]}"
+
+            with engine.connect() as conn:
+                for statement, parameters in on_table:
+                    (plan,) = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement, parameters).scalar()
+                    nodes = [n for n in plan_nodes(plan["Plan"]) if n.get("Relation Name") == "contacts"]
+                    shown = f"{statement}\n{parameters}\n{plan}"
+                    assert nodes, shown
+                    assert all(n["Node Type"] != "Seq Scan" for n in nodes), shown
+                    assert any(n["Node Type"] in ("Index Scan", "Index Only Scan") for n in nodes), shown
+                    if (statement, parameters) in keyset:
+                        (scan,) = nodes
+                        assert scan["Index Name"] == INDEX, shown
+                        # The cursor is where the scan starts, not a filter over everything.
+                        assert "ROW(updated_at, id) > ROW(" in scan["Index Cond"], shown
+                        assert "Sort" not in {n["Node Type"] for n in plan_nodes(plan["Plan"])}, shown
