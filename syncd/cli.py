@@ -154,6 +154,7 @@ def _run(args: argparse.Namespace) -> int:
 def _once(args: argparse.Namespace) -> int:
     config = _load(args)
     names = _selected(config, args.sync)
+    from syncd.cycle import CycleReport
     from syncd.progress import ProgressDisplay
 
     display = ProgressDisplay.for_terminal(sys.stderr, enabled=not args.no_progress)
@@ -163,7 +164,13 @@ def _once(args: argparse.Namespace) -> int:
         display.start({name: runtime.runners[name] for name in names})
 
         def one(name: str) -> None:
-            reports[name] = runtime.runners[name].run_until_caught_up()
+            try:
+                reports[name] = runtime.runners[name].run_until_caught_up()
+            except Exception as error:  # a bug in one sync must not hide the others' results
+                from syncd.logs import get_logger, scrub
+
+                get_logger("syncd.cli").error("sync_crashed", sync=name, exc_info=True)
+                reports[name] = CycleReport(name, outcome="failing", error=f"{type(error).__name__}: {scrub(str(error))}")
 
         # One thread per sync: a slow or failing sync does not hold up the others.
         threads = [threading.Thread(target=one, args=(name,), name=f"sync-{name}") for name in names]

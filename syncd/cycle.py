@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
 
+import sqlalchemy as sa
 import structlog
 
 from syncd.config import ApiConfig, SyncConfig
@@ -124,6 +125,7 @@ class SyncRunner:
         self.on_progress = on_progress
         self.mapping: Mapping = compile_mapping(sync.fields, sync.columns)
         self.stopped: str | None = None  # set by a configuration error; cleared by a reload
+        self._schema_checked = False
         self._auth_retry_at = 0.0
         self._auth_backoff = AUTH_BACKOFF_START
 
@@ -178,6 +180,8 @@ class SyncRunner:
                 self._cycle(report, batches)
             except SourceError as error:
                 report.outcome, report.error = "failing", str(error)
+            except sa.exc.DBAPIError as error:  # the state database (the source's are SourceError)
+                report.outcome, report.error = "failing", f"state database: {_first_line(error.orig or error)}"
             except LeaseLost:
                 report.outcome, report.error = "skipped", "another syncd took this sync over"
             report.duration_s = time.perf_counter() - started
@@ -194,6 +198,10 @@ class SyncRunner:
         if not self._auth_may_push():
             report.outcome, report.error = "auth_error", "waiting for a working API key"
             return
+        if not self._schema_checked:
+            self._schema_checked = True
+            for problem in self.reader.problems():  # once per runner: a missing index, a nullable watermark
+                getattr(log, problem.severity)("schema_problem", problem=problem.message)
         if not self.state.acquire_lease(self.sync.name, self.lease):
             owner, until = self.state.lease_holder(self.sync.name)
             held = f" (lease until {until:%H:%M:%S} UTC)" if until else ""
@@ -410,3 +418,7 @@ def _lag(watermark: Any, bound: Any, settle: timedelta) -> float | None:
         return None
     return None
 
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

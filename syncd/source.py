@@ -119,9 +119,13 @@ class TableReader:
     def problems(self) -> list[SchemaProblem]:
         """What `syncd check` reports about the live schema: missing columns, keys, indexes."""
         try:
-            table = self.table
+            return self._problems(self.table)
         except SourceError as error:
             return [SchemaProblem("error", str(error))]
+        except sa.exc.DBAPIError as error:
+            return [SchemaProblem("error", describe_db_error(self.source, error))]
+
+    def _problems(self, table: sa.Table) -> list[SchemaProblem]:
         problems = [
             SchemaProblem("error", f"column {name!r} not found in {self.sync.table} (sync {self.sync.name})")
             for name in self.sync.columns
