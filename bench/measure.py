@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 import psutil
@@ -36,14 +37,14 @@ class Measured:
     stdout: str
     stderr: str
 
-    def result(self) -> dict:
+    def result(self) -> dict[str, Any]:
         """The contender's own `BENCH_RESULT` line, parsed."""
         for line in self.stdout.splitlines():
             if line.startswith(RESULT_PREFIX):
                 return orjson.loads(line[len(RESULT_PREFIX) :])
         raise RuntimeError(f"{self.argv[1]}: no result line\n{self.stderr[-3000:]}")
 
-    def json_lines(self, event: str) -> list[dict]:
+    def json_lines(self, event: str) -> list[dict[str, Any]]:
         """syncd's structured log lines (stderr) whose `event` is `event`."""
         found = []
         for line in self.stderr.splitlines():

@@ -171,13 +171,19 @@ class Bench:
         return out
 
     def cycle(self, command: str) -> dict[str, float]:
+        """One `syncd once` / `syncd reconcile`, from its `cycle` log line(s); with
+        `settle = "0s"` a caught-up `once` is a single cycle, more would be summed."""
         run = self.syncd(command, self.state)
-        (cycle,) = [c for c in run.json_lines("cycle")][-1:]
+        cycles = run.json_lines("cycle")
+        if not cycles:
+            raise RuntimeError(f"syncd {command} logged no cycle line:\n{run.stderr[-2000:]}")
+        duration = sum(c["duration_s"] for c in cycles)
+        rows = sum(c["rows_read"] for c in cycles)
         return {
-            "duration_s": cycle["duration_s"],
-            "rows_read": cycle["rows_read"],
-            "sent": cycle["sent"],
-            "rows_per_s": cycle["rows_read"] / max(cycle["duration_s"], 1e-9),
+            "duration_s": duration,
+            "rows_read": rows,
+            "sent": sum(c["sent"] for c in cycles),
+            "rows_per_s": rows / max(duration, 1e-9),
             "peak_rss_mb": run.peak_rss_mb,
             "wall_s": run.wall_s,
         }

@@ -69,7 +69,7 @@ def main() -> int:
     parser.add_argument("--command", choices=sorted(SYNC_THREAD), default="once")
     parser.add_argument("--dsn", default=os.environ.get("BENCH_DSN", "postgresql://root@127.0.0.1:5432/test"))
     parser.add_argument("--schema", default="bench")
-    parser.add_argument("--out", type=Path, help="keep py-spy's raw stacks here")
+    parser.add_argument("--out", type=Path, help="keep py-spy's raw (collapsed) stacks in this file")
     args = parser.parse_args()
     spy = shutil.which("py-spy", path=str(Path(PYTHON).parent)) or shutil.which("py-spy")
     if spy is None:
@@ -93,8 +93,12 @@ def main() -> int:
             subprocess.run(once, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         raw = args.out or work / f"{args.command}.raw"
         target = once if args.command == "once" else [SYNCD, "reconcile", "-c", str(config)]
-        subprocess.run([spy, "record", "-r", "100", "-f", "raw", "-o", str(raw), "--", *target], check=True)
+        with open(work / "syncd.log", "w") as log:  # keep syncd's own output out of the summary
+            subprocess.run(
+                [spy, "record", "-r", "100", "-f", "raw", "-o", str(raw), "--", *target], check=True, stderr=log, stdout=log
+            )
     print(summarise(raw, args.command))
+    shutil.rmtree(work, ignore_errors=True)  # the state db; raw stacks survive only with --out
     return 0
 
 
