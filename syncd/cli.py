@@ -161,6 +161,7 @@ def _once(args: argparse.Namespace) -> int:
     runtime = _open_runtime(config, on_progress=display.update)
     reports = {}
     with runtime:
+        runtime.warm_up()
         display.start({name: runtime.runners[name] for name in names})
 
         def one(name: str) -> None:
@@ -195,6 +196,7 @@ def _reconcile(args: argparse.Namespace) -> int:
     names = _selected(config, args.sync)
     failed = False
     with _open_runtime(config) as runtime:
+        runtime.warm_up()
         for name in names:
             report = runtime.runners[name].reconcile()
             print(

@@ -15,6 +15,8 @@ rules between them (DESIGN.md §2, §3, §6):
 from __future__ import annotations
 
 import contextvars
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -37,7 +39,7 @@ from syncd.delivery import (
 from syncd.mapping import Mapping, RowRejected, compile_mapping, payload_digest
 from syncd.metrics import Metrics
 from syncd.source import SourceError, TableReader, read_bound
-from syncd.state import Cursor, DeadLetter, LeaseLost, StateStore, key_text
+from syncd.state import Cursor, DeadLetter, LeaseLost, PushRecord, StateStore, key_text
 
 __all__ = ["CycleReport", "SyncRunner"]
 
@@ -126,6 +128,7 @@ class SyncRunner:
         self.mapping: Mapping = compile_mapping(sync.fields, sync.columns)
         self.stopped: str | None = None  # set by a configuration error; cleared by a reload
         self._schema_checked = False
+        self._compare = True  # whether this cycle looks up digests (False on a first backfill)
         self._auth_retry_at = 0.0
         self._auth_backoff = AUTH_BACKOFF_START
 
@@ -138,6 +141,17 @@ class SyncRunner:
     def reconcile(self) -> CycleReport:
         """Compare every row with what was last acknowledged and push the differences."""
         return self._run("reconcile", self._everything)
+
+    def warm_up(self) -> None:
+        """Connect, reflect the table and log its schema problems once, before the first cycle.
+
+        Reflection takes a few catalog queries; paying them up front keeps every cycle,
+        the first one included, down to the work of finding changes.
+        """
+        self._schema_checked = True
+        with structlog.contextvars.bound_contextvars(sync=self.sync.name):
+            for problem in self.reader.problems():  # a missing index, a nullable watermark...
+                getattr(log, problem.severity)("schema_problem", problem=problem.message)
 
     def retry_keys(self, keys: list[str]) -> CycleReport:
         """Push the current rows of these keys (`dead-letters retry`); the watermark stays."""
@@ -199,9 +213,7 @@ class SyncRunner:
             report.outcome, report.error = "auth_error", "waiting for a working API key"
             return
         if not self._schema_checked:
-            self._schema_checked = True
-            for problem in self.reader.problems():  # once per runner: a missing index, a nullable watermark
-                getattr(log, problem.severity)("schema_problem", problem=problem.message)
+            self.warm_up()
         if not self.state.acquire_lease(self.sync.name, self.lease):
             owner, until = self.state.lease_holder(self.sync.name)
             held = f" (lease until {until:%H:%M:%S} UTC)" if until else ""
@@ -209,19 +221,24 @@ class SyncRunner:
             return
         deliverer = Deliverer(self.client, self.api, kind=report.kind, should_stop=self.should_stop)
         open_letters = self.state.open_dead_letter_count(self.sync.name) > 0
+        # A first backfill has nothing to compare with: skip the per-batch digest lookups.
+        self._compare = self.state.has_digests(self.sync.name)
         pending: deque[tuple[Future[DeliveryResult], _Batch]] = deque()
         failed: list[DeliveryResult] = []
+        committer = _Committer(self.state.commit_batch, name=f"commit-{self.sync.name}")
         with ThreadPoolExecutor(self.api.max_in_flight, thread_name_prefix=f"push-{self.sync.name}") as pool:
             try:
                 for batch in batches(report):
                     pending.append((self._submit(pool, deliverer, batch), batch))
-                    while len(pending) >= self.api.max_in_flight or (pending and pending[0][0].done()):
-                        self._settle(report, *pending.popleft(), failed, open_letters)
+                    full = len(pending) >= self.api.max_in_flight
+                    if full or pending[0][0].done():
+                        self._settle(report, _answered(pending, wait_for_one=full), failed, open_letters, committer)
                     if failed or self.should_stop():
                         break
             finally:
                 while pending:  # what is on the wire still lands; its digests are kept
-                    self._settle(report, *pending.popleft(), failed, open_letters)
+                    self._settle(report, _answered(pending, wait_for_one=True), failed, open_letters, committer)
+                committer.close()  # every answered batch is committed before the cycle ends
         if failed:
             self._fail(report, failed[0])
         elif report.outcome == "ok":
@@ -234,33 +251,32 @@ class SyncRunner:
         report.settled = bound.settled
         report.watermark = cursor.watermark if cursor else None
         for rows in self.reader.changed_rows(cursor, bound, self.api.max_batch_records):
-            yield self._prepare(rows, offset=1, cursor=Cursor(rows[-1][0], rows[-1][1]))
+            yield self._prepare(rows, cursor=self.reader.position(rows[-1]))
 
     def _everything(self, report: CycleReport) -> Iterator[_Batch]:
         for rows in self.reader.all_rows(self.api.max_batch_records):
-            yield self._prepare(rows, offset=0, cursor=None)
+            yield self._prepare(rows, cursor=None)
 
     def _keyed(self, keys: list[str]) -> Iterator[_Batch]:
         for rows in self.reader.rows_by_keys(keys):
-            yield self._prepare(rows, offset=0, cursor=None)
+            yield self._prepare(rows, cursor=None)
 
-    def _prepare(self, rows: Sequence[tuple[Any, ...]], *, offset: int, cursor: Cursor | None) -> _Batch:
+    def _prepare(self, rows: Sequence[Sequence[Any]], *, cursor: Cursor | None) -> _Batch:
         """Map rows and keep only those whose payload differs from the last acknowledged one."""
         batch = _Batch(cursor=cursor, rows=len(rows))
         mapped: list[tuple[str, dict[str, Any], bytes]] = []
         mapping = self.mapping
         for row in rows:
-            key = key_text(row[offset])
-            values = row[offset + 1 :]
+            key = key_text(row[0])
             try:
-                payload = mapping(values)
+                payload = mapping(row)
             except RowRejected as error:
                 batch.dead_letters.append(
-                    DeadLetter(key=key, reason=f"invalid row: {error}", payload=dict(zip(self.sync.columns, values)))
+                    DeadLetter(key=key, reason=f"invalid row: {error}", payload=dict(zip(self.sync.columns, row)))
                 )
                 continue
             mapped.append((key, payload, payload_digest(payload)))
-        known = self.state.known_digests(self.sync.name, [key for key, _, _ in mapped])
+        known = self.state.known_digests(self.sync.name, [key for key, _, _ in mapped]) if self._compare else {}
         for key, payload, digest in mapped:
             if known.get(key) == digest:
                 batch.unchanged_keys.append(key)
@@ -283,53 +299,67 @@ class SyncRunner:
     def _settle(
         self,
         report: CycleReport,
-        future: Future[DeliveryResult],
-        batch: _Batch,
+        answered: list[tuple[Future[DeliveryResult], _Batch]],
         failed: list[DeliveryResult],
         open_letters: bool,
+        committer: _Committer,
     ) -> None:
-        """Commit one answered batch; the watermark moves only while nothing before it failed."""
-        result = future.result()
-        dead = list(batch.dead_letters)
-        for index, error in result.rejected:
-            dead.append(
-                DeadLetter(
-                    key=batch.keys[index],
-                    reason=f"rejected by the API: {error.description}",
-                    payload=batch.records[index],
-                    http_status=error.http_status,
-                    api_code=error.api_code,
+        """Commit answered batches (in read order) in one state transaction.
+
+        The watermark moves to the last batch before the first failure; batches that
+        landed after a failure keep their digests, so they are not sent again.
+        """
+        move: Cursor | None = None
+        acked: list[tuple[str, bytes]] = []
+        pushes: list[PushRecord] = []
+        dead: list[DeadLetter] = []
+        resolve: list[str] = []
+        for future, batch in answered:
+            result = future.result()
+            dead.extend(batch.dead_letters)
+            for index, error in result.rejected:
+                dead.append(
+                    DeadLetter(
+                        key=batch.keys[index],
+                        reason=f"rejected by the API: {error.description}",
+                        payload=batch.records[index],
+                        http_status=error.http_status,
+                        api_code=error.api_code,
+                    )
                 )
-            )
-        acked = [(batch.keys[i], batch.digests[i]) for i in result.acked]
-        if not result.complete:
-            failed.append(result)
-        move = batch.cursor if not failed else None
-        # A key whose current payload landed, or was already there, no longer needs its dead letter.
-        resolve = [key for key, _ in acked] + batch.unchanged_keys if open_letters else []
-        self.state.commit_batch(
+            landed = [(batch.keys[i], batch.digests[i]) for i in result.acked]
+            acked.extend(landed)
+            pushes.extend(result.pushes)
+            if not result.complete:
+                failed.append(result)
+            if not failed and batch.cursor is not None:
+                move = batch.cursor
+            if open_letters:  # a key whose current payload landed, or was there already, is resolved
+                resolve.extend(key for key, _ in landed)
+                resolve.extend(batch.unchanged_keys)
+            report.rows_read += batch.rows
+            report.unchanged += len(batch.unchanged_keys)
+            report.batches += 1 if batch.records else 0
+        committer.commit(
             self.sync.name,
             cursor=move,
             acked=acked,
-            pushes=result.pushes,
+            pushes=pushes,
             dead_letters=dead,
             resolve_keys=resolve,
             lease_ttl=self.lease,
         )
-        report.rows_read += batch.rows
-        report.unchanged += len(batch.unchanged_keys)
         report.sent += len(acked)
         report.dead_lettered += len(dead)
-        report.batches += 1 if batch.records else 0
-        report.trans_ids.extend(p.trans_id for p in result.pushes if p.trans_id)
+        report.trans_ids.extend(p.trans_id for p in pushes if p.trans_id)
         if move is not None:
             report.watermark = move.watermark
         name = self.sync.name
-        self.metrics.rows_read(name, batch.rows)
-        self.metrics.unchanged_skipped(name, len(batch.unchanged_keys))
+        self.metrics.rows_read(name, sum(batch.rows for _, batch in answered))
+        self.metrics.unchanged_skipped(name, sum(len(batch.unchanged_keys) for _, batch in answered))
         self.metrics.records_sent(name, len(acked))
         self.metrics.dead_lettered(name, len(dead))
-        for push in result.pushes:
+        for push in pushes:
             self.metrics.push(name, push.http_status, push.api_code, push.duration_ms / 1000)
         if self.on_progress is not None:
             self.on_progress(report)
@@ -386,6 +416,57 @@ class SyncRunner:
         self.metrics.set_watermark_lag(name, _lag(report.watermark, report.bound, self.sync.settle))
         level = "info" if report.outcome in ("ok", "paused", "skipped") else "error"
         getattr(log, level)("cycle", **report.summary())
+
+
+class _Committer:
+    """Writes answered batches to the state database on a thread of its own, in order.
+
+    The database does its work (SQLite releases the GIL while it writes) while the sync
+    thread reads and maps the next batches. Commits still happen only after the ACK and
+    in read order; the queue is short, so the state never falls far behind, and
+    `close()` waits for the last commit and re-raises any failure (LeaseLost included).
+    """
+
+    def __init__(self, commit: Callable[..., None], *, name: str) -> None:
+        self._commit = commit
+        self._queue: queue.Queue[tuple[tuple[Any, ...], dict[str, Any]] | None] = queue.Queue(maxsize=4)
+        self._error: BaseException | None = None
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(target=context.run, args=(self._run,), name=name, daemon=True)
+        self._thread.start()
+
+    def commit(self, *args: Any, **kwargs: Any) -> None:
+        self._raise()
+        self._queue.put((args, kwargs))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:  # after a failure nothing more may commit
+                try:
+                    self._commit(*item[0], **item[1])
+                except BaseException as error:  # handed to the sync thread
+                    self._error = error
+
+
+def _answered(
+    pending: deque[tuple[Future[DeliveryResult], _Batch]], *, wait_for_one: bool
+) -> list[tuple[Future[DeliveryResult], _Batch]]:
+    """The answered batches at the front of `pending`, in order (waiting for the first if asked)."""
+    answered = []
+    while pending and (pending[0][0].done() or (wait_for_one and not answered)):
+        pending[0][0].result()  # wait
+        answered.append(pending.popleft())
+    return answered
 
 
 def _add(value: Any, delta: timedelta) -> Any:

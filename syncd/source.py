@@ -16,7 +16,7 @@ on the CRM for hours.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -268,50 +268,61 @@ class TableReader:
 
     # -- reading
 
-    def changed_rows(self, cursor: Cursor | None, bound: Bound, batch_rows: int) -> Iterator[list[tuple[Any, ...]]]:
+    @property
+    def watermark_index(self) -> int:
+        """Where a row from `changed_rows` holds its (comparable) watermark."""
+        if self.dialect == "sqlite" and _watermark_kind(self.table.c[self.sync.watermark], "sqlite") == "time":
+            return len(self.sync.columns)  # the canonical text form, appended after the columns
+        return self.sync.columns.index(self.sync.watermark)
+
+    def position(self, row: Sequence[Any]) -> Cursor:
+        """The cursor just after `row` (a row from `changed_rows`)."""
+        return Cursor(row[self.watermark_index], row[0])
+
+    def changed_rows(self, cursor: Cursor | None, bound: Bound, batch_rows: int) -> Iterator[Sequence[Sequence[Any]]]:
         """Batches of rows after `cursor` and below `bound`, in (watermark, key) order.
 
-        Each row is `(watermark, key, *columns)` with the columns in `sync.columns` order.
+        A row holds `sync.columns` (the key first); on SQLite the canonical watermark
+        text follows them. Rows are the driver's, not copied: this is the hot path.
         """
         wm, key = self._watermark_expr(), self.table.c[self.sync.key]
-        query = sa.select(wm.label("__wm"), key.label("__key"), *self._columns())
+        extra = [wm.label("__wm")] if self.watermark_index == len(self.sync.columns) else []
+        query = sa.select(*self._columns(), *extra)
         if bound.value is not None:
             query = query.where(wm < sa.literal(bound.value, wm.type))
         query = query.order_by(wm, key)
         yield from self._chunks(
-            query, lambda last: self._after(cursor if last is None else Cursor(last[0], last[1])), batch_rows
+            query, lambda last: self._after(cursor if last is None else self.position(last)), batch_rows
         )
 
-    def all_rows(self, batch_rows: int) -> Iterator[list[tuple[Any, ...]]]:
-        """Every row in key order, for reconcile: `(key, *columns)`."""
+    def all_rows(self, batch_rows: int) -> Iterator[Sequence[Sequence[Any]]]:
+        """Every row (`sync.columns`) in key order, for reconcile."""
         key = self.table.c[self.sync.key]
-        query = sa.select(key.label("__key"), *self._columns()).order_by(key)
+        query = sa.select(*self._columns()).order_by(key)
         yield from self._chunks(query, lambda last: None if last is None else key > last[0], batch_rows)
 
     def keys_after(self, cursor: Cursor | None, batch_rows: int = 5000) -> Iterator[list[Any]]:
         """Keys of the rows past `cursor` (what a `reset --to` will re-read), in batches."""
-        key = self.table.c[self.sync.key]
-        query = sa.select(self._watermark_expr().label("__wm"), key.label("__key")).order_by(
-            self._watermark_expr(), key
-        )
+        wm, key = self._watermark_expr(), self.table.c[self.sync.key]
+        query = sa.select(key, wm.label("__wm")).order_by(wm, key)
         for rows in self._chunks(
-            query, lambda last: self._after(cursor if last is None else Cursor(last[0], last[1])), batch_rows
+            query, lambda last: self._after(cursor if last is None else Cursor(last[1], last[0])), batch_rows
         ):
-            yield [row[1] for row in rows]
+            yield [row[0] for row in rows]
 
-    def rows_by_keys(self, keys: list[str]) -> Iterator[list[tuple[Any, ...]]]:
-        """The current rows for stored (text) keys, `(key, *columns)`, in batches of 500."""
+    def rows_by_keys(self, keys: list[str]) -> Iterator[list[Sequence[Any]]]:
+        """The current rows (`sync.columns`) for stored (text) keys, in batches of 500."""
         key = self.table.c[self.sync.key]
         try:
             convert = key.type.python_type
         except NotImplementedError:
             convert = str
         typed = [convert(k) for k in keys]
-        query = sa.select(key.label("__key"), *self._columns()).order_by(key)
+        query = sa.select(*self._columns()).order_by(key)
         for start in range(0, len(typed), 500):
             try:
                 with self.source.engine.connect() as conn:
-                    rows = [tuple(row) for row in conn.execute(query.where(key.in_(typed[start : start + 500])))]
+                    rows = list(conn.execute(query.where(key.in_(typed[start : start + 500]))))
             except sa.exc.DBAPIError as error:
                 raise SourceError(describe_db_error(self.source, error)) from None
             if rows:
@@ -320,11 +331,11 @@ class TableReader:
     def _chunks(
         self,
         query: sa.Select[Any],
-        after: Callable[[tuple[Any, ...] | None], sa.ColumnElement[bool] | None],
+        after: Callable[[Sequence[Any] | None], sa.ColumnElement[bool] | None],
         batch_rows: int,
-    ) -> Iterator[list[tuple[Any, ...]]]:
+    ) -> Iterator[Sequence[Sequence[Any]]]:
         """Run `query` chunk by chunk, each a short transaction that continues after the last row."""
-        last: tuple[Any, ...] | None = None
+        last: Sequence[Any] | None = None
         while True:
             condition = after(last)
             chunk = (query.where(condition) if condition is not None else query).limit(CHUNK_ROWS)
@@ -333,8 +344,7 @@ class TableReader:
                 with self.source.engine.connect() as conn:
                     conn = conn.execution_options(stream_results=True, yield_per=batch_rows)
                     with conn.begin():
-                        for partition in conn.execute(chunk).partitions(batch_rows):
-                            rows = [tuple(row) for row in partition]
+                        for rows in conn.execute(chunk).partitions(batch_rows):
                             count += len(rows)
                             last = rows[-1]
                             yield rows

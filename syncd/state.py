@@ -78,6 +78,7 @@ digests_table = sa.Table(
     sa.Column("sync", sa.String(64), primary_key=True),
     sa.Column("key", sa.String(255), primary_key=True),
     sa.Column("digest", sa.LargeBinary(16), nullable=False),
+    sqlite_with_rowid=False,  # the primary key is the table: one B-tree, not two
 )
 
 dead_letters_table = sa.Table(
@@ -226,6 +227,7 @@ class StateStore:
         self.url = url
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.engine = _create_engine(url)
+        self._placeholder = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
 
     def close(self) -> None:
         self.engine.dispose()
@@ -358,16 +360,22 @@ class StateStore:
 
     # -- the hot path
 
+    def has_digests(self, sync: str) -> bool:
+        with self.engine.connect() as conn:
+            return conn.scalar(sa.select(digests_table.c.key).where(digests_table.c.sync == sync).limit(1)) is not None
+
     def known_digests(self, sync: str, keys: Sequence[str]) -> dict[str, bytes]:
-        """Digests of the last acknowledged payloads for `keys` (one query per batch)."""
+        """Digests of the last acknowledged payloads for `keys` (one query per batch).
+
+        Plain DB-API SQL: this runs once per batch of a backfill or reconcile, where
+        SQLAlchemy's statement building costs more than the lookup itself.
+        """
         if not keys:
             return {}
+        mark = self._placeholder
+        statement = f'SELECT "key", digest FROM digests WHERE sync = {mark} AND "key" IN ({", ".join([mark] * len(keys))})'
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(digests_table.c.key, digests_table.c.digest).where(
-                    digests_table.c.sync == sync, digests_table.c.key.in_(keys)
-                )
-            )
+            rows = conn.exec_driver_sql(statement, (sync, *keys))
             return {key: bytes(digest) for key, digest in rows}
 
     def commit_batch(
@@ -404,7 +412,12 @@ class StateStore:
                 if lease_ttl is not None and result.rowcount != 1:
                     raise LeaseLost(sync)
             if acked:
-                _upsert_digests(conn, sync, acked)
+                mark = self._placeholder
+                conn.exec_driver_sql(
+                    f'INSERT INTO digests (sync, "key", digest) VALUES ({mark}, {mark}, {mark}) '
+                    'ON CONFLICT (sync, "key") DO UPDATE SET digest = excluded.digest',
+                    [(sync, key, digest) for key, digest in acked],
+                )
             if pushes:
                 conn.execute(
                     pushes_table.insert(),
@@ -532,24 +545,6 @@ def _dead_local_owner(owner: str) -> bool:
     except PermissionError:
         return False  # alive, just not ours
     return False
-
-
-def _upsert_digests(conn: sa.Connection, sync: str, acked: Sequence[tuple[str, bytes]]) -> None:
-    rows = [{"sync": sync, "key": key, "digest": digest} for key, digest in acked]
-    dialect = conn.dialect.name
-    if dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    elif dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:  # pragma: no cover - the state database is SQLite or PostgreSQL
-        raise RuntimeError(f"unsupported state database dialect {dialect!r}")
-    statement = insert(digests_table)
-    conn.execute(
-        statement.on_conflict_do_update(
-            index_elements=["sync", "key"], set_={"digest": statement.excluded.digest}
-        ),
-        rows,
-    )
 
 
 def _record_dead_letters(

@@ -99,9 +99,9 @@ def test_rows_newer_than_settle_wait_for_the_next_cycle(source_url):
     crm.insert([contact(1)], stamp=crm.stamp(age=timedelta(minutes=5)))
     crm.insert([contact(2)], stamp=crm.stamp(age=timedelta(seconds=0)))
     reader = Source("crm", SourceConfig(url=source_url)).reader(sync_config(settle="60s"))
-    assert [row[1] for row in read_all(reader)] == [1]  # row 2 is inside the settle window
+    assert [row[0] for row in read_all(reader)] == [1]  # row 2 is inside the settle window
     reader = Source("crm", SourceConfig(url=source_url)).reader(sync_config(settle="0s"))
-    assert [row[1] for row in read_all(reader)] == [1, 2]
+    assert [row[0] for row in read_all(reader)] == [1, 2]
     crm.dispose()
 
 
@@ -111,9 +111,9 @@ def test_keyset_cursor_continues_inside_a_run_of_equal_watermarks(source_url):
     crm.insert([contact(i) for i in range(1, 11)], stamp=same)
     reader = Source("crm", SourceConfig(url=source_url)).reader(sync_config())
     rows = read_all(reader)
-    assert [row[1] for row in rows] == list(range(1, 11))
-    after_four = Cursor(rows[3][0], rows[3][1])
-    assert [row[1] for row in read_all(reader, after_four, batch=3)] == list(range(5, 11))
+    assert [row[0] for row in rows] == list(range(1, 11))
+    after_four = reader.position(rows[3])
+    assert [row[0] for row in read_all(reader, after_four, batch=3)] == list(range(5, 11))
     crm.dispose()
 
 
@@ -127,9 +127,9 @@ def test_sqlite_text_timestamps_in_mixed_spellings_compare_as_instants(sqlite_ur
         )
     reader = Source("crm", SourceConfig(url=sqlite_url)).reader(sync_config())
     rows = read_all(reader)
-    assert [row[1] for row in rows] == [4, 1, 2, 3]
+    assert [row[0] for row in rows] == [4, 1, 2, 3]
     # Resuming after row 1 must still find row 2, which is the same instant spelled differently.
-    assert [row[1] for row in read_all(reader, Cursor(rows[1][0], rows[1][1]))] == [2, 3]
+    assert [row[0] for row in read_all(reader, reader.position(rows[1]))] == [2, 3]
     engine.dispose()
 
 

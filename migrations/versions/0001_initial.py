@@ -56,6 +56,7 @@ def upgrade() -> None:
         sa.Column("sync", sa.String(64), primary_key=True),
         sa.Column("key", sa.String(255), primary_key=True),
         sa.Column("digest", sa.LargeBinary(16), nullable=False),
+        sqlite_with_rowid=False,  # the primary key is the table: one B-tree, not two
     )
     op.create_table(
         "dead_letters",
