@@ -129,6 +129,7 @@ class SyncRunner:
         self.stopped: str | None = None  # set by a configuration error; cleared by a reload
         self._schema_checked = False
         self._compare = True  # whether this cycle looks up digests (False on a first backfill)
+        self._lease_renewed = 0.0  # a pass over unchanged rows writes only to renew its lease
         self._auth_retry_at = 0.0
         self._auth_backoff = AUTH_BACKOFF_START
 
@@ -340,15 +341,18 @@ class SyncRunner:
             report.rows_read += batch.rows
             report.unchanged += len(batch.unchanged_keys)
             report.batches += 1 if batch.records else 0
-        committer.commit(
-            self.sync.name,
-            cursor=move,
-            acked=acked,
-            pushes=pushes,
-            dead_letters=dead,
-            resolve_keys=resolve,
-            lease_ttl=self.lease,
-        )
+        nothing = move is None and not (acked or pushes or dead or resolve)
+        if not nothing or time.monotonic() - self._lease_renewed > self.lease.total_seconds() / 4:
+            self._lease_renewed = time.monotonic()
+            committer.commit(
+                self.sync.name,
+                cursor=move,
+                acked=acked,
+                pushes=pushes,
+                dead_letters=dead,
+                resolve_keys=resolve,
+                lease_ttl=self.lease,
+            )
         report.sent += len(acked)
         report.dead_lettered += len(dead)
         report.trans_ids.extend(p.trans_id for p in pushes if p.trans_id)
