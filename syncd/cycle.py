@@ -36,7 +36,7 @@ from syncd.delivery import (
     Deliverer,
     DeliveryResult,
 )
-from syncd.mapping import Mapping, RowRejected, compile_mapping, payload_digest
+from syncd.mapping import Mapping, RowRejected, compile_mapping, digest_encoded, encode_payload
 from syncd.metrics import Metrics
 from syncd.source import SourceError, TableReader, read_bound
 from syncd.state import Cursor, DeadLetter, LeaseLost, PushRecord, StateStore, key_text
@@ -95,6 +95,7 @@ class _Batch:
     keys: list[str] = field(default_factory=list)  # parallel to records
     digests: list[bytes] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)
+    encoded: list[bytes] = field(default_factory=list)  # the records as sent, parallel to records
     unchanged_keys: list[str] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     rows: int = 0
@@ -265,7 +266,7 @@ class SyncRunner:
     def _prepare(self, rows: Sequence[Sequence[Any]], *, cursor: Cursor | None) -> _Batch:
         """Map rows and keep only those whose payload differs from the last acknowledged one."""
         batch = _Batch(cursor=cursor, rows=len(rows))
-        mapped: list[tuple[str, dict[str, Any], bytes]] = []
+        mapped: list[tuple[str, dict[str, Any], bytes, bytes]] = []
         mapping = self.mapping
         for row in rows:
             key = key_text(row[0])
@@ -276,14 +277,16 @@ class SyncRunner:
                     DeadLetter(key=key, reason=f"invalid row: {error}", payload=dict(zip(self.sync.columns, row)))
                 )
                 continue
-            mapped.append((key, payload, payload_digest(payload)))
-        known = self.state.known_digests(self.sync.name, [key for key, _, _ in mapped]) if self._compare else {}
-        for key, payload, digest in mapped:
+            encoded = encode_payload(payload)
+            mapped.append((key, payload, encoded, digest_encoded(encoded)))
+        known = self.state.known_digests(self.sync.name, [m[0] for m in mapped]) if self._compare else {}
+        for key, payload, encoded, digest in mapped:
             if known.get(key) == digest:
                 batch.unchanged_keys.append(key)
             else:
                 batch.keys.append(key)
                 batch.records.append(payload)
+                batch.encoded.append(encoded)
                 batch.digests.append(digest)
         return batch
 
@@ -294,7 +297,7 @@ class SyncRunner:
             return done
         context = contextvars.copy_context()  # keep `sync=` on the push thread's log lines
         return pool.submit(
-            context.run, deliverer.deliver, self.sync.datastore_id, self.sync.feed_id, batch.records
+            context.run, deliverer.deliver, self.sync.datastore_id, self.sync.feed_id, batch.encoded
         )
 
     def _settle(

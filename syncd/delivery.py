@@ -258,8 +258,14 @@ class ApiClient:
     def close(self) -> None:
         self._http.close()
 
-    def push(self, datastore_id: str, feed_id: str, records: Sequence[dict[str, Any]]) -> Ack:
-        body = orjson.dumps({"datastore-id": datastore_id, "feed-id": feed_id, "records": records})
+    def push(self, datastore_id: str, feed_id: str, records: Sequence[dict[str, Any] | bytes]) -> Ack:
+        """POST one batch; records may come already encoded (the sync cycle encodes each once)."""
+        encoded = b",".join(r if isinstance(r, bytes) else orjson.dumps(r) for r in records)
+        body = b'{"datastore-id":%b,"feed-id":%b,"records":[%b]}' % (
+            orjson.dumps(datastore_id),
+            orjson.dumps(feed_id),
+            encoded,
+        )
         self.limiter.acquire()
         try:
             response = self._http.post(
@@ -308,7 +314,7 @@ class Deliverer:
         self.should_stop = should_stop
         self._random = random.Random()
 
-    def deliver(self, datastore_id: str, feed_id: str, records: Sequence[dict[str, Any]]) -> DeliveryResult:
+    def deliver(self, datastore_id: str, feed_id: str, records: Sequence[dict[str, Any] | bytes]) -> DeliveryResult:
         result = DeliveryResult()
         self._deliver(datastore_id, feed_id, records, list(range(len(records))), result)
         return result
@@ -317,7 +323,7 @@ class Deliverer:
         self,
         datastore_id: str,
         feed_id: str,
-        records: Sequence[dict[str, Any]],
+        records: Sequence[dict[str, Any] | bytes],
         indexes: list[int],
         result: DeliveryResult,
     ) -> None:
@@ -340,7 +346,7 @@ class Deliverer:
         result.acked.extend(indexes)
 
     def _with_retries(
-        self, datastore_id: str, feed_id: str, records: list[dict[str, Any]], result: DeliveryResult
+        self, datastore_id: str, feed_id: str, records: list[dict[str, Any] | bytes], result: DeliveryResult
     ) -> None:
         auth_retried = False
         attempt = 0

@@ -48,7 +48,7 @@ from phonenumbers import PhoneMetadata
 
 from syncd.config import ConfigError, FieldSpec
 
-__all__ = ["Mapping", "RowRejected", "compile_mapping", "payload_digest"]
+__all__ = ["Mapping", "RowRejected", "compile_mapping", "digest_encoded", "encode_payload", "payload_digest"]
 
 Reader = Callable[[Sequence[Any]], Any]
 Convert = Callable[[Any], Any]
@@ -109,12 +109,26 @@ def compile_mapping(fields: abc.Mapping[str, FieldSpec], columns: Sequence[str])
     return Mapping(tuple(columns), readers)
 
 
+def encode_payload(payload: dict[str, Any]) -> bytes:
+    """The record as it goes on the wire: JSON with sorted keys.
+
+    Encoding once serves both the digest and the request body; sorted keys make the
+    digest the same for any attribute order.
+    """
+    return orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
+
+
+def digest_encoded(encoded: bytes) -> bytes:
+    """A 16-byte digest of an encoded payload, the same in every process."""
+    return hashlib.blake2b(encoded, digest_size=16).digest()
+
+
 def payload_digest(payload: dict[str, Any]) -> bytes:
     """A 16-byte digest of a mapped payload, the same in every process and for any key order.
 
     JSON keeps types apart ("1" vs 1), which is what the datastore sees as a change.
     """
-    return hashlib.blake2b(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
+    return digest_encoded(encode_payload(payload))
 
 
 # --- compiling one field -------------------------------------------------------------------

@@ -375,8 +375,12 @@ class StateStore:
         mark = self._placeholder
         statement = f'SELECT "key", digest FROM digests WHERE sync = {mark} AND "key" IN ({", ".join([mark] * len(keys))})'
         with self.engine.connect() as conn:
-            rows = conn.exec_driver_sql(statement, (sync, *keys))
-            return {key: bytes(digest) for key, digest in rows}
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            try:
+                cursor.execute(statement, (sync, *keys))
+                return {key: bytes(digest) for key, digest in cursor.fetchall()}
+            finally:
+                cursor.close()
 
     def commit_batch(
         self,
