@@ -24,9 +24,8 @@ os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
 os.environ.setdefault("RUNTIME__LOG_LEVEL", "WARNING")
 
 import dlt  # noqa: E402
-from dlt.sources.sql_database import sql_table  # noqa: E402
-
 from common import BATCH, Stopwatch, api_client, emit, load_job, post_batch  # noqa: E402
+from dlt.sources.sql_database import sql_table  # noqa: E402
 from seed import TABLE  # noqa: E402
 
 

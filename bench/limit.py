@@ -18,9 +18,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
-from psycopg import sql
-
 from common import BATCH, Stopwatch, api_client, emit, load_job, post_batch
+from psycopg import sql
 from seed import TABLE
 
 

@@ -22,7 +22,6 @@ from typing import Any
 
 import orjson
 import psutil
-
 from common import RESULT_PREFIX
 
 POLL_S = 0.05

@@ -36,7 +36,6 @@ from typing import Any
 
 import orjson
 import psutil
-
 from common import write_config
 from measure import Measured, run_measured
 from seed import TABLE, change_fraction, postgres_version, seed

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from common import emit
+
 from syncd.config import load_config
 from syncd.logs import configure_logging
 from syncd.runtime import Runtime

@@ -14,7 +14,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from syncd.config import Config, config_warnings
-from syncd.source import Source, SourceError, describe_db_error
+from syncd.source import Source, describe_db_error
 from syncd.state import StateStore
 
 __all__ = ["CheckLine", "run_checks"]

@@ -38,8 +38,8 @@ from syncd.delivery import (
 )
 from syncd.mapping import Mapping, RowRejected, compile_mapping, digest_encoded, encode_payload
 from syncd.metrics import Metrics
-from syncd.source import SourceError, TableReader, read_bound
-from syncd.state import Cursor, DeadLetter, LeaseLost, PushRecord, StateStore, key_text
+from syncd.source import Bound, SourceError, TableReader
+from syncd.state import Cursor, DeadLetter, LeaseLost, PushRecord, StateStore, display_value, key_text
 
 __all__ = ["CycleReport", "SyncRunner"]
 
@@ -67,11 +67,9 @@ class CycleReport:
     settled: Any = None  # the source's now minus settle, even when an open transaction holds `bound` back
     backlog: int | None = None
     error: str | None = None
-    trans_ids: list[str] = field(default_factory=list)
+    last_trans_id: str | None = None  # of the newest ACK (every one is in the state database)
 
     def summary(self) -> dict[str, Any]:
-        from syncd.state import display_value
-
         return {
             "kind": self.kind,
             "outcome": self.outcome,
@@ -248,11 +246,12 @@ class SyncRunner:
 
     def _changes(self, report: CycleReport) -> Iterator[_Batch]:
         cursor = self.state.cursor(self.sync.name)
-        bound = read_bound(self.reader)
-        report.bound = bound.value
-        report.settled = bound.settled
         report.watermark = cursor.watermark if cursor else None
-        for rows in self.reader.changed_rows(cursor, bound, self.api.max_batch_records):
+
+        def on_bound(bound: Bound) -> None:
+            report.bound, report.settled = bound.value, bound.settled
+
+        for rows in self.reader.changed_rows(cursor, self.api.max_batch_records, on_bound):
             yield self._prepare(rows, cursor=self.reader.position(rows[-1]))
 
     def _everything(self, report: CycleReport) -> Iterator[_Batch]:
@@ -358,7 +357,7 @@ class SyncRunner:
             )
         report.sent += len(acked)
         report.dead_lettered += len(dead)
-        report.trans_ids.extend(p.trans_id for p in pushes if p.trans_id)
+        report.last_trans_id = next((p.trans_id for p in reversed(pushes) if p.trans_id), report.last_trans_id)
         if move is not None:
             report.watermark = move.watermark
         name = self.sync.name
@@ -489,7 +488,7 @@ def _before(value: Any, target: Any) -> bool:
 def _merge(total: CycleReport, more: CycleReport) -> CycleReport:
     for name in ("rows_read", "unchanged", "sent", "batches", "dead_lettered", "duration_s"):
         setattr(more, name, getattr(total, name) + getattr(more, name))
-    more.trans_ids = total.trans_ids + more.trans_ids
+    more.last_trans_id = more.last_trans_id or total.last_trans_id
     if more.watermark is None:
         more.watermark = total.watermark
     return more

@@ -134,7 +134,7 @@ def _describe(out, report: CycleReport) -> None:  # type: ignore[no-untyped-def]
     out(
         f"   cycle: read {report.rows_read}, sent {report.sent}, unchanged {report.unchanged}, "
         f"dead-lettered {report.dead_lettered}, {report.batches} push(es), "
-        f"trans_id {report.trans_ids[-1] if report.trans_ids else '-'}"
+        f"trans_id {report.last_trans_id or '-'}"
     )
 
 

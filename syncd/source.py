@@ -8,9 +8,10 @@ The rules that keep changes from being lost live here and only here:
   transaction commits late is still ahead of the cursor when it becomes visible;
 - identifiers come from reflection and are always quoted by SQLAlchemy, never pasted.
 
-Rows are streamed (server-side cursors where the driver has them) in chunks, each chunk
-its own short read transaction, so a long throttled backfill never pins a snapshot open
-on the CRM for hours.
+The bound is taken in the same transaction (one snapshot) as the first read. Rows are
+streamed (server-side cursors where the driver has them) in chunks, each its own short
+read transaction keeping that bound, so a long throttled backfill never pins a snapshot
+open on the CRM for hours.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class Source:
         self._engine: sa.Engine | None = None
         self._lock = threading.Lock()
         self._gate_warned = False
+        self.sees_activity: bool | None = None  # may this role read other sessions' xact_start?
 
     @property
     def engine(self) -> sa.Engine:
@@ -236,35 +238,26 @@ class TableReader:
         return Bound(conn.scalar(sa.select(sa.func.current_timestamp())) - settle)
 
     def _postgres_bound(self, conn: sa.Connection, column: sa.Column[Any], settle: timedelta) -> Bound:
-        value = conn.scalar(sa.text("SELECT now()")) - settle
-        gated = False
-        readable = conn.scalar(
-            sa.text(
-                "SELECT rolsuper OR pg_has_role(current_user, 'pg_read_all_stats', 'MEMBER') "
-                "FROM pg_roles WHERE rolname = current_user"
-            )
-        )
-        if readable:
-            oldest = conn.scalar(
-                sa.text(
-                    "SELECT min(xact_start) FROM pg_stat_activity "
-                    "WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid() "
-                    "AND backend_type = 'client backend' AND datname = current_database() "
-                    "AND coalesce(application_name, '') <> :me"
-                ).bindparams(me=APPLICATION_NAME)
-            )
-            if oldest is not None and oldest < value:
-                value, settled, gated = oldest, value, True
-        else:
-            self.source.warn_gate_once(
-                "this role cannot see other sessions in pg_stat_activity (grant pg_read_all_stats)"
-            )
-        if not getattr(column.type, "timezone", False):
-            # A naive column holds the session's local time: convert the bound the same way.
-            value = conn.scalar(sa.select(sa.cast(sa.literal(value, sa.DateTime(timezone=True)), column.type)))
-            if gated:
-                settled = conn.scalar(sa.select(sa.cast(sa.literal(settled, sa.DateTime(timezone=True)), column.type)))
-        return Bound(value, gated, settled if gated else None)
+        """now() minus settle, held below the start of the oldest open transaction.
+
+        One query returns both clocks in both frames (timestamptz for aware columns, the
+        session's local time for naive ones), so an idle cycle pays one round trip here.
+        """
+        if self.source.sees_activity is None:  # privileges do not change under a running daemon
+            self.source.sees_activity = bool(conn.scalar(sa.text(_CAN_SEE_ACTIVITY)))
+            if not self.source.sees_activity:
+                self.source.warn_gate_once(
+                    "this role cannot see other sessions in pg_stat_activity (grant pg_read_all_stats)"
+                )
+        query = _BOUND_WITH_GATE if self.source.sees_activity else _BOUND_WITHOUT_GATE
+        now, local_now, oldest, local_oldest = conn.execute(
+            sa.text(query).bindparams(me=APPLICATION_NAME) if self.source.sees_activity else sa.text(query)
+        ).one()
+        aware = getattr(column.type, "timezone", False)
+        settled = (now if aware else local_now) - settle
+        if oldest is not None and oldest < now - settle:
+            return Bound(oldest if aware else local_oldest, True, settled)
+        return Bound(settled)
 
     # -- reading
 
@@ -279,20 +272,35 @@ class TableReader:
         """The cursor just after `row` (a row from `changed_rows`)."""
         return Cursor(row[self.watermark_index], row[0])
 
-    def changed_rows(self, cursor: Cursor | None, bound: Bound, batch_rows: int) -> Iterator[Sequence[Sequence[Any]]]:
-        """Batches of rows after `cursor` and below `bound`, in (watermark, key) order.
+    def changed_rows(
+        self, cursor: Cursor | None, batch_rows: int, on_bound: Callable[[Bound], None] = lambda bound: None
+    ) -> Iterator[Sequence[Sequence[Any]]]:
+        """Batches of rows after `cursor` and below the source's bound, in (watermark, key) order.
 
-        A row holds `sync.columns` (the key first); on SQLite the canonical watermark
-        text follows them. Rows are the driver's, not copied: this is the hot path.
+        The bound is taken in the same transaction (and snapshot) as the first read, and
+        handed to `on_bound`; later chunks keep it. A row holds `sync.columns` (the key
+        first); on SQLite the canonical watermark text follows them. Rows are the
+        driver's, not copied: this is the hot path.
         """
         wm, key = self._watermark_expr(), self.table.c[self.sync.key]
         extra = [wm.label("__wm")] if self.watermark_index == len(self.sync.columns) else []
-        query = sa.select(*self._columns(), *extra)
-        if bound.value is not None:
-            query = query.where(wm < sa.literal(bound.value, wm.type))
-        query = query.order_by(wm, key)
+        query = sa.select(*self._columns(), *extra).order_by(wm, key)
+        bounded = _watermark_kind(self.table.c[self.sync.watermark], self.dialect) == "time"
+        if bounded:
+            query = query.where(wm < sa.bindparam("__bound", type_=wm.type))
+        params: dict[str, Any] = {}
+
+        def take_bound(conn: sa.Connection) -> None:
+            bound = self.bound(conn)
+            params["__bound"] = bound.value
+            on_bound(bound)
+
         yield from self._chunks(
-            query, lambda last: self._after(cursor if last is None else self.position(last)), batch_rows
+            query,
+            lambda last: self._after(cursor if last is None else self.position(last)),
+            batch_rows,
+            first=take_bound,
+            params=params,
         )
 
     def all_rows(self, batch_rows: int) -> Iterator[Sequence[Sequence[Any]]]:
@@ -333,8 +341,14 @@ class TableReader:
         query: sa.Select[Any],
         after: Callable[[Sequence[Any] | None], sa.ColumnElement[bool] | None],
         batch_rows: int,
+        *,
+        first: Callable[[sa.Connection], None] | None = None,
+        params: dict[str, Any] | None = None,
     ) -> Iterator[Sequence[Sequence[Any]]]:
-        """Run `query` chunk by chunk, each a short transaction that continues after the last row."""
+        """Run `query` chunk by chunk, each a short transaction that continues after the last row.
+
+        `first` runs inside the first chunk's transaction, before its read.
+        """
         last: Sequence[Any] | None = None
         while True:
             condition = after(last)
@@ -344,7 +358,10 @@ class TableReader:
                 with self.source.engine.connect() as conn:
                     conn = conn.execution_options(stream_results=True, yield_per=batch_rows)
                     with conn.begin():
-                        for rows in conn.execute(chunk).partitions(batch_rows):
+                        if first is not None:
+                            first(conn)
+                            first = None
+                        for rows in conn.execute(chunk, params or {}).partitions(batch_rows):
                             count += len(rows)
                             last = rows[-1]
                             yield rows
@@ -366,12 +383,19 @@ class TableReader:
             raise SourceError(describe_db_error(self.source, error)) from None
 
 
-def read_bound(reader: TableReader) -> Bound:
-    try:
-        with reader.source.engine.connect() as conn:
-            return reader.bound(conn)
-    except sa.exc.DBAPIError as error:
-        raise SourceError(describe_db_error(reader.source, error)) from None
+_CAN_SEE_ACTIVITY = (
+    "SELECT rolsuper OR pg_has_role(current_user, 'pg_read_all_stats', 'MEMBER') "
+    "FROM pg_roles WHERE rolname = current_user"
+)
+# Other sessions' open transactions, not our own (application_name 'syncd'): a write
+# committing late carries a timestamp from its transaction's start.
+_BOUND_WITH_GATE = (
+    "WITH oldest AS (SELECT min(xact_start) AS t FROM pg_stat_activity "
+    "WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid() AND backend_type = 'client backend' "
+    "AND datname = current_database() AND coalesce(application_name, '') <> :me) "
+    "SELECT now(), localtimestamp, t, t::timestamp FROM oldest"
+)
+_BOUND_WITHOUT_GATE = "SELECT now(), localtimestamp, NULL::timestamptz, NULL::timestamp"
 
 
 def describe_db_error(source: Source, error: sa.exc.DBAPIError) -> str:

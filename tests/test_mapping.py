@@ -5,7 +5,7 @@ from __future__ import annotations
 import pickle
 import random
 import uuid
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -308,7 +308,7 @@ def test_date(value: Any, expected: str):
     ("value", "expected"),
     [
         (datetime(2024, 5, 1, 23, 30, 5), "2024-05-01T23:30:05"),
-        (datetime(2024, 5, 1, 23, 30, tzinfo=timezone.utc), "2024-05-01T23:30:00+00:00"),
+        (datetime(2024, 5, 1, 23, 30, tzinfo=UTC), "2024-05-01T23:30:00+00:00"),
         (date(2024, 5, 1), "2024-05-01T00:00:00"),
         ("2024-05-01 23:30:05", "2024-05-01T23:30:05"),
         ("2024-05-01T23:30:05Z", "2024-05-01T23:30:05+00:00"),
@@ -337,7 +337,7 @@ def test_unparseable_dates_are_rejected(transform: str):
     [
         (Decimal("10.50"), "10.50"),
         (Decimal("1E+2"), "100"),
-        (datetime(2024, 5, 1, 9, 5, tzinfo=timezone.utc), "2024-05-01T09:05:00+00:00"),
+        (datetime(2024, 5, 1, 9, 5, tzinfo=UTC), "2024-05-01T09:05:00+00:00"),
         (date(2024, 5, 1), "2024-05-01"),
         (time(9, 5), "09:05:00"),
         (uuid.UUID(int=255), "00000000-0000-0000-0000-0000000000ff"),

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import pytest
-import sqlalchemy as sa
 
 from syncd.cli import main
 from syncd.simulator import SimulatorConfig, start_in_thread

@@ -8,6 +8,7 @@ is nowhere it should not be.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -18,8 +19,6 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-
-import logging
 
 import orjson
 import pytest

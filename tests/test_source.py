@@ -9,8 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from syncd.config import SourceConfig, SyncConfig
-from syncd.source import Source, SourceError, read_bound
-from syncd.state import Cursor
+from syncd.source import Source, SourceError
 
 from .crm import Crm, contact, write_config
 from .test_pipeline import api, once, pushed_records, state_url, stored  # noqa: F401  (fixtures)
@@ -33,8 +32,7 @@ def sync_config(table: str = "contacts", settle: str = "0s") -> SyncConfig:
 
 
 def read_all(reader, cursor=None, batch=1000):
-    bound = read_bound(reader)
-    return [row for rows in reader.changed_rows(cursor, bound, batch) for row in rows]
+    return [row for rows in reader.changed_rows(cursor, batch) for row in rows]
 
 
 @pytest.mark.parametrize("watermark", ["int", "timestamptz", "timestamp"])
@@ -137,4 +135,4 @@ def test_missing_table_and_column_are_named(sqlite_url):
     sa.create_engine(sqlite_url).connect().close()
     reader = Source("crm", SourceConfig(url=sqlite_url)).reader(sync_config(table="nope"))
     with pytest.raises(SourceError, match="table 'nope' not found"):
-        read_bound(reader)
+        list(reader.changed_rows(None, 10))
