@@ -33,6 +33,7 @@ __all__ = ["Bound", "SchemaProblem", "Source", "SourceError", "TableReader"]
 log = structlog.get_logger(__name__)
 
 CHUNK_ROWS = 50_000  # rows per read transaction
+FETCH_ROWS = 5_000  # rows per round trip of a server-side cursor
 APPLICATION_NAME = "syncd"  # PostgreSQL application_name, excluded from the open-transaction gate
 
 
@@ -356,7 +357,8 @@ class TableReader:
             count = 0
             try:
                 with self.source.engine.connect() as conn:
-                    conn = conn.execution_options(stream_results=True, yield_per=batch_rows)
+                    # Fetch in larger round trips than the batches we hand out: fewer waits on the server.
+                    conn = conn.execution_options(stream_results=True, yield_per=max(batch_rows, FETCH_ROWS))
                     with conn.begin():
                         if first is not None:
                             first(conn)
