@@ -414,30 +414,18 @@ class Deliverer:
         ack: Ack | None = None,
         error: ApiError | None = None,
     ) -> PushRecord:
-        duration_ms = (time.perf_counter() - clock) * 1000
-        if ack is not None:
-            return PushRecord(
-                kind=self.kind,
-                sent_at=started,
-                record_count=count,
-                attempt=attempt,
-                duration_ms=duration_ms,
-                outcome="ack",
-                http_status=ack.http_status,
-                api_code=0,
-                description=ack.description,
-                trans_id=ack.trans_id,
-                correlation_id=ack.correlation_id,
-            )
-        assert error is not None
-        return PushRecord(
+        record = PushRecord(
             kind=self.kind,
             sent_at=started,
             record_count=count,
             attempt=attempt,
-            duration_ms=duration_ms,
-            outcome=error.outcome,
-            http_status=error.http_status,
-            api_code=error.api_code,
-            description=error.description,
+            duration_ms=(time.perf_counter() - clock) * 1000,
+            outcome="ack",
         )
+        if ack is not None:
+            record.http_status, record.api_code, record.description = ack.http_status, 0, ack.description
+            record.trans_id, record.correlation_id = ack.trans_id, ack.correlation_id
+        elif error is not None:
+            record.outcome, record.description = error.outcome, error.description
+            record.http_status, record.api_code = error.http_status, error.api_code
+        return record

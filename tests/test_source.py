@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
@@ -49,47 +50,36 @@ def test_every_watermark_kind_syncs_changes_once(source_url, watermark, api, sta
     crm.dispose()
 
 
-def test_schema_qualified_table_on_postgres(postgres_url, api, state_url, tmp_path):  # noqa: F811
-    schema = f"sales_{uuid.uuid4().hex[:8]}"
-    engine = sa.create_engine(postgres_url)
+@contextmanager
+def other_schema(url: str):
+    """A schema beside the connection's own (in MySQL a schema is a database)."""
+    engine = sa.create_engine(url)
+    mysql = engine.dialect.name in ("mysql", "mariadb")
+    name = (sa.make_url(url).database + "_sales") if mysql else f"sales_{uuid.uuid4().hex[:8]}"
+    quoted = engine.dialect.identifier_preparer.quote(name)
     with engine.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+        conn.execute(sa.text(f"CREATE {'DATABASE' if mysql else 'SCHEMA'} {quoted}"))
     try:
-        crm = Crm(postgres_url, schema=schema)
+        yield name
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"DROP {'DATABASE' if mysql else 'SCHEMA'} {quoted}" + ("" if mysql else " CASCADE")))
+        engine.dispose()
+
+
+@pytest.mark.parametrize("service", ["postgres", "mysql"])
+def test_schema_qualified_table(service, request, api, state_url, tmp_path):  # noqa: F811
+    url = request.getfixturevalue(f"{service}_url")
+    with other_schema(url) as schema:
+        crm = Crm(url, schema=schema)
         crm.insert([contact(i) for i in range(1, 11)])
         config = write_config(
-            tmp_path / "syncd.toml", source_url=postgres_url, api_url=api.url, state_url=state_url, table=f"{schema}.contacts"
+            tmp_path / "syncd.toml", source_url=url, api_url=api.url, state_url=state_url, table=f"{schema}.contacts"
         )
         assert once(config) == 0
         api.wait_inserted("1466", 10)
         assert len(stored(api)) == 10
         crm.dispose()
-    finally:
-        with engine.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        engine.dispose()
-
-
-def test_schema_qualified_table_on_mariadb(mysql_url, api, state_url, tmp_path):  # noqa: F811
-    # In MySQL a schema is a database: the sync reads "<other db>.contacts".
-    other = sa.make_url(mysql_url).database + "_sales"
-    engine = sa.create_engine(mysql_url)
-    with engine.begin() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE `{other}`"))
-    try:
-        crm = Crm(mysql_url, schema=other)
-        crm.insert([contact(i) for i in range(1, 11)])
-        config = write_config(
-            tmp_path / "syncd.toml", source_url=mysql_url, api_url=api.url, state_url=state_url, table=f"{other}.contacts"
-        )
-        assert once(config) == 0
-        api.wait_inserted("1466", 10)
-        assert len(stored(api)) == 10
-        crm.dispose()
-    finally:
-        with engine.begin() as conn:
-            conn.execute(sa.text(f"DROP DATABASE `{other}`"))
-        engine.dispose()
 
 
 def test_rows_newer_than_settle_wait_for_the_next_cycle(source_url):
