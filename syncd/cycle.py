@@ -15,6 +15,7 @@ rules between them (DESIGN.md §2, §3, §6):
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import queue
 import threading
 import time
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 import structlog
 
@@ -94,7 +96,9 @@ class _Batch:
     digests: list[bytes] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)
     encoded: list[bytes] = field(default_factory=list)  # the records as sent, parallel to records
+    sources: list[bytes] = field(default_factory=list)  # source fingerprints, parallel to records
     unchanged_keys: list[str] = field(default_factory=list)
+    refreshed: list[tuple[str, bytes]] = field(default_factory=list)  # unchanged payload, new fingerprint
     dead_letters: list[DeadLetter] = field(default_factory=list)
     rows: int = 0
 
@@ -125,6 +129,8 @@ class SyncRunner:
         self.should_stop = should_stop
         self.on_progress = on_progress
         self.mapping: Mapping = compile_mapping(sync.fields, sync.columns)
+        self.mapping_hash = _mapping_hash(sync, reader)
+        self._pass_complete = False
         self.stopped: str | None = None  # set by a configuration error; cleared by a reload
         self._schema_checked = False
         self._compare = True  # whether this cycle looks up digests (False on a first backfill)
@@ -140,7 +146,11 @@ class SyncRunner:
 
     def reconcile(self) -> CycleReport:
         """Compare every row with what was last acknowledged and push the differences."""
-        return self._run("reconcile", self._everything)
+        report = self._run("reconcile", self._everything)
+        if report.outcome == "ok" and self._pass_complete:
+            # Every stored fingerprint now belongs to the current mapping.
+            self.state.set_mapping_hash(self.sync.name, self.mapping_hash)
+        return report
 
     def warm_up(self) -> None:
         """Connect, reflect the table and log its schema problems once, before the first cycle.
@@ -223,6 +233,8 @@ class SyncRunner:
         open_letters = self.state.open_dead_letter_count(self.sync.name) > 0
         # A first backfill has nothing to compare with: skip the per-batch digest lookups.
         self._compare = self.state.has_digests(self.sync.name)
+        if not self._compare:  # everything stored from here on is taken under this mapping
+            self.state.set_mapping_hash(self.sync.name, self.mapping_hash)
         pending: deque[tuple[Future[DeliveryResult], _Batch]] = deque()
         failed: list[DeliveryResult] = []
         committer = _Committer(self.state.commit_batch, name=f"commit-{self.sync.name}")
@@ -255,18 +267,56 @@ class SyncRunner:
             yield self._prepare(rows, cursor=self.reader.position(rows[-1]))
 
     def _everything(self, report: CycleReport) -> Iterator[_Batch]:
-        for rows in self.reader.all_rows(self.api.max_batch_records):
-            yield self._prepare(rows, cursor=None)
+        """Every row, in key order; only rows whose source changed are mapped.
+
+        A row whose source fingerprint equals the one stored with its last acknowledged
+        payload maps to that payload again, as long as the mapping is the one the
+        fingerprints were taken under; so those rows are skipped without mapping. After
+        a mapping change every row is mapped once, and the pass re-arms the shortcut.
+        """
+        self._pass_complete = False
+        name, size = self.sync.name, self.api.max_batch_records
+        fast = self.state.mapping_hash(name) == self.mapping_hash
+        if fast and self.reader.source_hash_index is not None:
+            # The server fingerprints the rows: read keys and fingerprints only.
+            for pairs in self.reader.fingerprints(size):
+                keys = [key_text(key) for key, _ in pairs]
+                stored = self.state.known_source_hashes(name, keys)
+                stale = [key for key, (_, source) in zip(keys, pairs, strict=True) if stored.get(key) != bytes(source)]
+                batch = _Batch(cursor=None)
+                for rows in self.reader.rows_by_keys(stale) if stale else ():
+                    batch = _merge_batches(batch, self._prepare(rows, cursor=None, refresh=True))
+                batch.rows = len(pairs)
+                batch.unchanged_keys.extend(key for key in keys if key not in set(stale))
+                yield batch
+        else:
+            for rows in self.reader.all_rows(size):
+                if not fast:
+                    yield self._prepare(rows, cursor=None, refresh=True)
+                    continue
+                keys = [key_text(row[0]) for row in rows]
+                stored = self.state.known_source_hashes(name, keys)
+                hash_of = self.reader.source_hash
+                stale = [row for key, row in zip(keys, rows, strict=True) if stored.get(key) != hash_of(row)]
+                batch = self._prepare(stale, cursor=None, refresh=True) if stale else _Batch(cursor=None)
+                stale_keys = {key_text(row[0]) for row in stale}
+                batch.rows = len(rows)
+                batch.unchanged_keys.extend(key for key in keys if key not in stale_keys)
+                yield batch
+        self._pass_complete = True
 
     def _keyed(self, keys: list[str]) -> Iterator[_Batch]:
         for rows in self.reader.rows_by_keys(keys):
             yield self._prepare(rows, cursor=None)
 
-    def _prepare(self, rows: Sequence[Sequence[Any]], *, cursor: Cursor | None) -> _Batch:
-        """Map rows and keep only those whose payload differs from the last acknowledged one."""
+    def _prepare(self, rows: Sequence[Sequence[Any]], *, cursor: Cursor | None, refresh: bool = False) -> _Batch:
+        """Map rows and keep only those whose payload differs from the last acknowledged one.
+
+        `refresh`: also note new source fingerprints of rows whose payload is unchanged.
+        """
         batch = _Batch(cursor=cursor, rows=len(rows))
-        mapped: list[tuple[str, dict[str, Any], bytes, bytes]] = []
-        mapping = self.mapping
+        mapped: list[tuple[str, dict[str, Any], bytes, bytes, bytes]] = []
+        mapping, source_hash = self.mapping, self.reader.source_hash
         for row in rows:
             key = key_text(row[0])
             try:
@@ -277,16 +327,21 @@ class SyncRunner:
                 )
                 continue
             encoded = encode_payload(payload)
-            mapped.append((key, payload, encoded, digest_encoded(encoded)))
-        known = self.state.known_digests(self.sync.name, [m[0] for m in mapped]) if self._compare else {}
-        for key, payload, encoded, digest in mapped:
+            mapped.append((key, payload, encoded, digest_encoded(encoded), source_hash(row)))
+        keys = [m[0] for m in mapped]
+        known = self.state.known_digests(self.sync.name, keys) if self._compare else {}
+        sources = self.state.known_source_hashes(self.sync.name, keys) if refresh and self._compare else {}
+        for key, payload, encoded, digest, source in mapped:
             if known.get(key) == digest:
                 batch.unchanged_keys.append(key)
+                if refresh and sources.get(key) != source:
+                    batch.refreshed.append((key, source))
             else:
                 batch.keys.append(key)
                 batch.records.append(payload)
                 batch.encoded.append(encoded)
                 batch.digests.append(digest)
+                batch.sources.append(source)
         return batch
 
     def _submit(self, pool: ThreadPoolExecutor, deliverer: Deliverer, batch: _Batch) -> Future[DeliveryResult]:
@@ -313,7 +368,8 @@ class SyncRunner:
         landed after a failure keep their digests, so they are not sent again.
         """
         move: Cursor | None = None
-        acked: list[tuple[str, bytes]] = []
+        acked: list[tuple[str, bytes, bytes]] = []
+        refreshed: list[tuple[str, bytes]] = []
         pushes: list[PushRecord] = []
         dead: list[DeadLetter] = []
         resolve: list[str] = []
@@ -330,26 +386,28 @@ class SyncRunner:
                         api_code=error.api_code,
                     )
                 )
-            landed = [(batch.keys[i], batch.digests[i]) for i in result.acked]
+            landed = [(batch.keys[i], batch.digests[i], batch.sources[i]) for i in result.acked]
             acked.extend(landed)
+            refreshed.extend(batch.refreshed)
             pushes.extend(result.pushes)
             if not result.complete:
                 failed.append(result)
             if not failed and batch.cursor is not None:
                 move = batch.cursor
             if open_letters:  # a key whose current payload landed, or was there already, is resolved
-                resolve.extend(key for key, _ in landed)
+                resolve.extend(key for key, _, _ in landed)
                 resolve.extend(batch.unchanged_keys)
             report.rows_read += batch.rows
             report.unchanged += len(batch.unchanged_keys)
             report.batches += 1 if batch.records else 0
-        nothing = move is None and not (acked or pushes or dead or resolve)
+        nothing = move is None and not (acked or refreshed or pushes or dead or resolve)
         if not nothing or time.monotonic() - self._lease_renewed > self.lease.total_seconds() / 4:
             self._lease_renewed = time.monotonic()
             committer.commit(
                 self.sync.name,
                 cursor=move,
                 acked=acked,
+                refreshed=refreshed,
                 pushes=pushes,
                 dead_letters=dead,
                 resolve_keys=resolve,
@@ -462,6 +520,20 @@ class _Committer:
                     self._commit(*item[0], **item[1])
                 except BaseException as error:  # handed to the sync thread
                     self._error = error
+
+
+def _mapping_hash(sync: SyncConfig, reader: TableReader) -> str:
+    """Identifies the mapping (and the fingerprinted columns) stored fingerprints belong to."""
+    fields = {name: spec.model_dump() for name, spec in sync.fields.items()}
+    data = orjson.dumps({"fields": fields, "columns": reader.hash_columns}, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _merge_batches(first: _Batch, second: _Batch) -> _Batch:
+    for name in ("keys", "digests", "records", "encoded", "sources", "unchanged_keys", "refreshed", "dead_letters"):
+        getattr(first, name).extend(getattr(second, name))
+    first.rows += second.rows
+    return first
 
 
 def _answered(

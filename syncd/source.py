@@ -16,12 +16,15 @@ open on the CRM for hours.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 import structlog
 
@@ -186,6 +189,11 @@ class TableReader:
 
     # -- expressions
 
+    def _fingerprint(self) -> list[sa.ColumnElement[Any]]:
+        """The server-side fingerprint column, if any; it follows the columns (`source_hash_index`)."""
+        expr = self._source_hash_expr()
+        return [] if expr is None else [expr]
+
     def _columns(self) -> list[sa.ColumnElement[Any]]:
         table = self.table
         missing = [name for name in self.sync.columns if name not in table.c]
@@ -263,6 +271,47 @@ class TableReader:
     # -- reading
 
     @property
+    def hash_columns(self) -> tuple[str, ...]:
+        """The columns whose values decide the payload: the key and what the fields read."""
+        used = [name for spec in self.sync.fields.values() for name in spec.columns]
+        return tuple(dict.fromkeys([self.sync.key, *used]))
+
+    def _source_hash_expr(self) -> sa.ColumnElement[Any] | None:
+        """On PostgreSQL the server fingerprints each row (16 bytes); elsewhere Python does."""
+        if self.dialect != "postgresql":
+            return None
+        quote = self.source.engine.dialect.identifier_preparer.quote
+        columns = ", ".join(quote(name) for name in self.hash_columns)
+        return sa.literal_column(f"decode(md5(ROW({columns})::text), 'hex')", sa.LargeBinary).label("__src")
+
+    @property
+    def source_hash_index(self) -> int | None:
+        """Where a row holds its server-side fingerprint, or None (computed in Python)."""
+        # Only PostgreSQL has one, and there no watermark column is appended before it.
+        return len(self.sync.columns) if self.dialect == "postgresql" else None
+
+    def source_hash(self, row: Sequence[Any]) -> bytes:
+        """A 16-byte fingerprint of the row's `hash_columns`, stable across processes."""
+        index = self.source_hash_index
+        if index is not None:
+            return bytes(row[index])
+        positions = self._hash_positions
+        values = orjson.dumps([row[i] for i in positions], default=str)
+        return hashlib.blake2b(values, digest_size=16).digest()
+
+    @functools.cached_property
+    def _hash_positions(self) -> tuple[int, ...]:
+        return tuple(self.sync.columns.index(name) for name in self.hash_columns)
+
+    def fingerprints(self, batch_rows: int) -> Iterator[Sequence[Sequence[Any]]]:
+        """`(key, fingerprint)` of every row in key order, computed by the server (PostgreSQL only)."""
+        expr = self._source_hash_expr()
+        assert expr is not None
+        key = self.table.c[self.sync.key]
+        query = sa.select(key, expr).order_by(key)
+        yield from self._chunks(query, lambda last: None if last is None else key > last[0], batch_rows)
+
+    @property
     def watermark_index(self) -> int:
         """Where a row from `changed_rows` holds its (comparable) watermark."""
         if self.dialect == "sqlite" and _watermark_kind(self.table.c[self.sync.watermark], "sqlite") == "time":
@@ -285,7 +334,7 @@ class TableReader:
         """
         wm, key = self._watermark_expr(), self.table.c[self.sync.key]
         extra = [wm.label("__wm")] if self.watermark_index == len(self.sync.columns) else []
-        query = sa.select(*self._columns(), *extra).order_by(wm, key)
+        query = sa.select(*self._columns(), *extra, *self._fingerprint()).order_by(wm, key)
         bounded = _watermark_kind(self.table.c[self.sync.watermark], self.dialect) == "time"
         if bounded:
             query = query.where(wm < sa.bindparam("__bound", type_=wm.type))
@@ -307,7 +356,7 @@ class TableReader:
     def all_rows(self, batch_rows: int) -> Iterator[Sequence[Sequence[Any]]]:
         """Every row (`sync.columns`) in key order, for reconcile."""
         key = self.table.c[self.sync.key]
-        query = sa.select(*self._columns()).order_by(key)
+        query = sa.select(*self._columns(), *self._fingerprint()).order_by(key)
         yield from self._chunks(query, lambda last: None if last is None else key > last[0], batch_rows)
 
     def keys_after(self, cursor: Cursor | None, batch_rows: int = 5000) -> Iterator[list[Any]]:
@@ -327,7 +376,7 @@ class TableReader:
         except NotImplementedError:
             convert = str
         typed = [convert(k) for k in keys]
-        query = sa.select(*self._columns()).order_by(key)
+        query = sa.select(*self._columns(), *self._fingerprint()).order_by(key)
         for start in range(0, len(typed), 500):
             try:
                 with self.source.engine.connect() as conn:

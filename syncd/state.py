@@ -51,6 +51,7 @@ syncs_table = sa.Table(
     sa.Column("owner", sa.String(200)),
     sa.Column("lease_until", sa.DateTime(timezone=True)),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("mapping_hash", sa.String(64)),  # the fields config every stored source_hash was taken under
 )
 
 pushes_table = sa.Table(
@@ -78,6 +79,9 @@ digests_table = sa.Table(
     sa.Column("sync", sa.String(64), primary_key=True),
     sa.Column("key", sa.String(255), primary_key=True),
     sa.Column("digest", sa.LargeBinary(16), nullable=False),
+    # Fingerprint of the source columns that produced the payload: lets reconcile skip
+    # mapping rows whose source has not changed (valid while syncs.mapping_hash matches).
+    sa.Column("source_hash", sa.LargeBinary(16)),
     sqlite_with_rowid=False,  # the primary key is the table: one B-tree, not two
 )
 
@@ -365,29 +369,45 @@ class StateStore:
             return conn.scalar(sa.select(digests_table.c.key).where(digests_table.c.sync == sync).limit(1)) is not None
 
     def known_digests(self, sync: str, keys: Sequence[str]) -> dict[str, bytes]:
-        """Digests of the last acknowledged payloads for `keys` (one query per batch).
+        """Digests of the last acknowledged payloads for `keys` (one query per batch)."""
+        return self._lookup("digest", sync, keys)
 
-        Plain DB-API SQL: this runs once per batch of a backfill or reconcile, where
-        SQLAlchemy's statement building costs more than the lookup itself.
-        """
+    def known_source_hashes(self, sync: str, keys: Sequence[str]) -> dict[str, bytes]:
+        """Source fingerprints stored with the acknowledged payloads of `keys`."""
+        return self._lookup("source_hash", sync, keys)
+
+    def _lookup(self, column: str, sync: str, keys: Sequence[str]) -> dict[str, bytes]:
+        """Plain DB-API SQL: this runs once per batch of a backfill or reconcile, where
+        SQLAlchemy's statement building and rows cost more than the lookup itself."""
         if not keys:
             return {}
         mark = self._placeholder
-        statement = f'SELECT "key", digest FROM digests WHERE sync = {mark} AND "key" IN ({", ".join([mark] * len(keys))})'
+        statement = (
+            f'SELECT "key", {column} FROM digests WHERE sync = {mark} AND "key" IN ({", ".join([mark] * len(keys))})'
+        )
         with self.engine.connect() as conn:
             cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
             try:
                 cursor.execute(statement, (sync, *keys))
-                return {key: bytes(digest) for key, digest in cursor.fetchall()}
+                return {key: bytes(value) for key, value in cursor.fetchall() if value is not None}
             finally:
                 cursor.close()
+
+    def mapping_hash(self, sync: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.scalar(sa.select(syncs_table.c.mapping_hash).where(syncs_table.c.name == sync))
+
+    def set_mapping_hash(self, sync: str, value: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(syncs_table.update().where(syncs_table.c.name == sync).values(mapping_hash=value))
 
     def commit_batch(
         self,
         sync: str,
         *,
         cursor: Cursor | None,
-        acked: Sequence[tuple[str, bytes]] = (),
+        acked: Sequence[tuple[str, bytes, bytes]] = (),
+        refreshed: Sequence[tuple[str, bytes]] = (),
         pushes: Sequence[PushRecord] = (),
         dead_letters: Sequence[DeadLetter] = (),
         resolve_keys: Sequence[str] = (),
@@ -418,9 +438,15 @@ class StateStore:
             if acked:
                 mark = self._placeholder
                 conn.exec_driver_sql(
-                    f'INSERT INTO digests (sync, "key", digest) VALUES ({mark}, {mark}, {mark}) '
-                    'ON CONFLICT (sync, "key") DO UPDATE SET digest = excluded.digest',
-                    [(sync, key, digest) for key, digest in acked],
+                    f'INSERT INTO digests (sync, "key", digest, source_hash) VALUES ({mark}, {mark}, {mark}, {mark}) '
+                    'ON CONFLICT (sync, "key") DO UPDATE SET digest = excluded.digest, source_hash = excluded.source_hash',
+                    [(sync, key, digest, source) for key, digest, source in acked],
+                )
+            if refreshed:  # payload unchanged, source changed: remember the new fingerprint
+                mark = self._placeholder
+                conn.exec_driver_sql(
+                    f'UPDATE digests SET source_hash = {mark} WHERE sync = {mark} AND "key" = {mark}',
+                    [(source, sync, key) for key, source in refreshed],
                 )
             if pushes:
                 conn.execute(

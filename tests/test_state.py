@@ -75,7 +75,7 @@ def test_batch_commit_moves_watermark_digests_and_push_together(store):
     store.commit_batch(
         "contacts",
         cursor=Cursor(datetime(2026, 1, 1, tzinfo=UTC), 7),
-        acked=[("6", b"a" * 16), ("7", b"b" * 16)],
+        acked=[("6", b"a" * 16, b"s" * 16), ("7", b"b" * 16, b"t" * 16)],
         pushes=[push()],
         lease_ttl=timedelta(seconds=30),
     )
@@ -92,7 +92,7 @@ def test_a_lost_lease_commits_nothing(store):
         conn.execute(sa.text("UPDATE syncs SET owner = 'elsewhere:1:x' WHERE name = 'contacts'"))
     with pytest.raises(LeaseLost):
         store.commit_batch(
-            "contacts", cursor=Cursor(5, 5), acked=[("5", b"c" * 16)], pushes=[push()], lease_ttl=timedelta(seconds=30)
+            "contacts", cursor=Cursor(5, 5), acked=[("5", b"c" * 16, b"u" * 16)], pushes=[push()], lease_ttl=timedelta(seconds=30)
         )
     assert store.cursor("contacts") is None
     assert store.known_digests("contacts", ["5"]) == {}
@@ -126,7 +126,7 @@ def test_one_open_dead_letter_per_key_resolved_by_a_later_push(store):
     store.commit_batch("contacts", cursor=None, dead_letters=[letter])
     (open_letter,) = store.dead_letters("contacts")
     assert open_letter.attempts == 2 and open_letter.payload == {"phone": "12"}
-    store.commit_batch("contacts", cursor=None, acked=[("9", b"d" * 16)], pushes=[push(count=1)], resolve_keys=["9"])
+    store.commit_batch("contacts", cursor=None, acked=[("9", b"d" * 16, b"v" * 16)], pushes=[push(count=1)], resolve_keys=["9"])
     assert list(store.dead_letters("contacts")) == []
     (resolved,) = store.dead_letters("contacts", include_resolved=True)
     assert resolved.resolution == "delivered"
