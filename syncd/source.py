@@ -183,7 +183,7 @@ class TableReader:
             )
         return problems
 
-    @property
+    @functools.cached_property  # these are asked per row: work them out once
     def dialect(self) -> str:
         return self.source.engine.dialect.name
 
@@ -270,7 +270,7 @@ class TableReader:
 
     # -- reading
 
-    @property
+    @functools.cached_property
     def hash_columns(self) -> tuple[str, ...]:
         """The columns whose values decide the payload: the key and what the fields read."""
         used = [name for spec in self.sync.fields.values() for name in spec.columns]
@@ -284,7 +284,7 @@ class TableReader:
         columns = ", ".join(quote(name) for name in self.hash_columns)
         return sa.literal_column(f"decode(md5(ROW({columns})::text), 'hex')", sa.LargeBinary).label("__src")
 
-    @property
+    @functools.cached_property
     def source_hash_index(self) -> int | None:
         """Where a row holds its server-side fingerprint, or None (computed in Python)."""
         # Only PostgreSQL has one, and there no watermark column is appended before it.
@@ -311,7 +311,7 @@ class TableReader:
         query = sa.select(key, expr).order_by(key)
         yield from self._chunks(query, lambda last: None if last is None else key > last[0], batch_rows)
 
-    @property
+    @functools.cached_property
     def watermark_index(self) -> int:
         """Where a row from `changed_rows` holds its (comparable) watermark."""
         if self.dialect == "sqlite" and _watermark_kind(self.table.c[self.sync.watermark], "sqlite") == "time":
