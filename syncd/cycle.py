@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import sqlalchemy as sa
@@ -49,6 +49,9 @@ log = structlog.get_logger(__name__)
 
 AUTH_BACKOFF_START = timedelta(seconds=5)
 AUTH_BACKOFF_MAX = timedelta(minutes=5)
+FINGERPRINT_ROWS = 5_000  # keys compared per state lookup in a reconcile
+
+_T = TypeVar("_T")
 
 
 @dataclass(slots=True)
@@ -278,25 +281,24 @@ class SyncRunner:
         name, size = self.sync.name, self.api.max_batch_records
         fast = self.state.mapping_hash(name) == self.mapping_hash
         if fast and self.reader.source_hash_index is not None:
-            # The server fingerprints the rows: read keys and fingerprints only.
-            for pairs in self.reader.fingerprints(size):
+            # The server fingerprints the rows: read keys and fingerprints only, in big
+            # chunks, then the full rows of just the stale keys.
+            for pairs in _prefetched(self.reader.fingerprints(FINGERPRINT_ROWS)):
                 keys = [key_text(key) for key, _ in pairs]
                 stored = self.state.known_source_hashes(name, keys)
-                stale = [key for key, (_, source) in zip(keys, pairs, strict=True) if stored.get(key) != bytes(source)]
-                batch = _Batch(cursor=None)
+                stale = [key for key, (_, source) in zip(keys, pairs, strict=True) if stored.get(key) != source]
+                stale_keys = set(stale)
+                yield _Batch(cursor=None, rows=len(keys) - len(stale), unchanged_keys=[k for k in keys if k not in stale_keys])
                 for rows in self.reader.rows_by_keys(stale) if stale else ():
-                    batch = _merge_batches(batch, self._prepare(rows, cursor=None, refresh=True))
-                batch.rows = len(pairs)
-                batch.unchanged_keys.extend(key for key in keys if key not in set(stale))
-                yield batch
+                    yield self._prepare(rows, cursor=None, refresh=True)
         else:
+            hash_of = self.reader.source_hash
             for rows in self.reader.all_rows(size):
                 if not fast:
                     yield self._prepare(rows, cursor=None, refresh=True)
                     continue
                 keys = [key_text(row[0]) for row in rows]
                 stored = self.state.known_source_hashes(name, keys)
-                hash_of = self.reader.source_hash
                 stale = [row for key, row in zip(keys, rows, strict=True) if stored.get(key) != hash_of(row)]
                 batch = self._prepare(stale, cursor=None, refresh=True) if stale else _Batch(cursor=None)
                 stale_keys = {key_text(row[0]) for row in stale}
@@ -529,11 +531,47 @@ def _mapping_hash(sync: SyncConfig, reader: TableReader) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
-def _merge_batches(first: _Batch, second: _Batch) -> _Batch:
-    for name in ("keys", "digests", "records", "encoded", "sources", "unchanged_keys", "refreshed", "dead_letters"):
-        getattr(first, name).extend(getattr(second, name))
-    first.rows += second.rows
-    return first
+def _prefetched(items: Iterator[_T], depth: int = 2) -> Iterator[_T]:
+    """`items`, produced on a thread of their own up to `depth` ahead of the consumer.
+
+    Reading from the source mostly waits on the server, with the GIL released; this lets
+    that wait overlap the consumer's work. Errors reach the consumer in order, and a
+    consumer that stops early stops the producer too.
+    """
+    slots: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        slots.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put(("end", None))
+        except BaseException as error:  # handed to the consumer
+            slots.put(("error", error))
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(produce,), name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = slots.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join()
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
 
 
 def _answered(
