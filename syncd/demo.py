@@ -12,7 +12,9 @@ with `config.example.toml`, which points at the same files.
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -124,8 +126,9 @@ def run_demo(rows: int = 200, directory: Path | None = None) -> int:
                 f"    {push['sent_at']:%H:%M:%S}  {push['record_count']:>4} records  HTTP {push['http_status']}  "
                 f"code {push['api_code']}  trans_id {push['trans_id']}"
             )
-        out(f"\nTry: syncd status -c {config_path}")
-        out(f"     syncd dead-letters list -c {config_path} --all")
+        command = _command_name()
+        out(f"\nTry: {command} status -c {config_path}")
+        out(f"     {command} dead-letters list -c {config_path} --all")
     ok = status.records_sent >= rows and len(stored) == rows
     return 0 if ok else 1
 
@@ -136,6 +139,14 @@ def _describe(out, report: CycleReport) -> None:  # type: ignore[no-untyped-def]
         f"dead-lettered {report.dead_lettered}, {report.batches} push(es), "
         f"trans_id {report.last_trans_id or '-'}"
     )
+
+
+def _command_name() -> str:
+    """How the user can run syncd again: by the path they ran it by, if it is not on PATH."""
+    program = sys.argv[0]
+    if os.path.basename(program) == "syncd" and shutil.which("syncd") != os.path.abspath(program):
+        return os.path.relpath(program)
+    return "syncd"
 
 
 def _now() -> str:
