@@ -133,6 +133,8 @@ class SyncRunner:
         self.on_progress = on_progress
         self.mapping: Mapping = compile_mapping(sync.fields, sync.columns)
         self.mapping_hash = _mapping_hash(sync, reader)
+        # Digests are keyed by where records go: a new datastore or feed gets everything again.
+        self._target = hashlib.blake2b(f"{sync.datastore_id}\0{sync.feed_id}".encode(), digest_size=32).digest()
         self._pass_complete = False
         self.stopped: str | None = None  # set by a configuration error; cleared by a reload
         self._schema_checked = False
@@ -329,7 +331,7 @@ class SyncRunner:
                 )
                 continue
             encoded = encode_payload(payload)
-            mapped.append((key, payload, encoded, digest_encoded(encoded), source_hash(row)))
+            mapped.append((key, payload, encoded, digest_encoded(encoded, self._target), source_hash(row)))
         keys = [m[0] for m in mapped]
         known = self.state.known_digests(self.sync.name, keys) if self._compare else {}
         sources = self.state.known_source_hashes(self.sync.name, keys) if refresh and self._compare else {}
@@ -525,9 +527,10 @@ class _Committer:
 
 
 def _mapping_hash(sync: SyncConfig, reader: TableReader) -> str:
-    """Identifies the mapping (and the fingerprinted columns) stored fingerprints belong to."""
+    """Identifies what stored fingerprints stand for: the mapping, its columns, its target."""
     fields = {name: spec.model_dump() for name, spec in sync.fields.items()}
-    data = orjson.dumps({"fields": fields, "columns": reader.hash_columns}, option=orjson.OPT_SORT_KEYS)
+    target = [sync.datastore_id, sync.feed_id]
+    data = orjson.dumps({"fields": fields, "columns": reader.hash_columns, "target": target}, option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(data).hexdigest()[:32]
 
 

@@ -77,3 +77,16 @@ def test_reconcile_maps_only_rows_whose_source_changed(source_url, api, state_ur
         assert (report.rows_read, report.sent, report.unchanged) == (30, 1, 29)
         assert mapped == [12]
     crm.dispose()
+
+
+def test_a_new_datastore_gets_every_row_from_reconcile(sqlite_url, api, state_url, tmp_path, capsys):  # noqa: F811
+    crm = Crm(sqlite_url)
+    crm.insert([contact(i) for i in range(1, 11)])
+    config = write_config(tmp_path / "syncd.toml", source_url=sqlite_url, api_url=api.url, state_url=state_url)
+    assert once(config) == 0
+    capsys.readouterr()
+    config.write_text(config.read_text().replace('datastore_id = "1466"', 'datastore_id = "2001"'))
+    assert "compared 10, sent 10" in reconcile(config, capsys)
+    api.wait_inserted("2001", 10)
+    assert "compared 10, sent 0" in reconcile(config, capsys)
+    crm.dispose()
