@@ -53,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="syncd", description="Keep a Webex Campaign datastore in step with a CRM.")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    def command(name: str, handler: Callable[[argparse.Namespace], int], help: str, config: bool = True) -> argparse.ArgumentParser:
+    def command(
+        name: str, handler: Callable[[argparse.Namespace], int], help: str, config: bool = True
+    ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
         sub.set_defaults(handler=handler)
         if config:
@@ -183,7 +185,10 @@ def _once(args: argparse.Namespace) -> int:
     failed = False
     for name in names:
         report = reports[name]
-        line = f"{name}: {report.outcome}: read {report.rows_read}, sent {report.sent}, unchanged {report.unchanged}, dead-lettered {report.dead_lettered}"
+        line = (
+            f"{name}: {report.outcome}: read {report.rows_read}, sent {report.sent}, "
+            f"unchanged {report.unchanged}, dead-lettered {report.dead_lettered}"
+        )
         if report.error:
             line += f" ({report.error})"
         print(line)

@@ -18,7 +18,9 @@ from syncd.state import display_value
 __all__ = ["RetryOutcome", "discard", "listing", "render", "retry"]
 
 
-def listing(runtime: Runtime, sync: str | None, *, include_resolved: bool = False, ids: list[int] | None = None) -> list[dict[str, Any]]:
+def listing(
+    runtime: Runtime, sync: str | None, *, include_resolved: bool = False, ids: list[int] | None = None
+) -> list[dict[str, Any]]:
     return [
         {
             "id": letter.id,
