@@ -433,7 +433,8 @@ def test_timeout_after_the_server_accepted_resends_and_records_both(pg_crm, api,
 
 def test_405_stops_the_sync_with_a_configuration_error(pg_crm, api, cli, tmp_path, state_path):
     pg_crm.insert([contact(i) for i in range(1, 31)])
-    config = config_for(pg_crm, api, tmp_path, state_path, batch=10)
+    # One batch on the wire, so the first batch is the one answered 405.
+    config = config_for(pg_crm, api, tmp_path, state_path, batch=10, in_flight=1)
     api.queue_faults({"status": 405})
 
     code, out, err = cli.once(config)
