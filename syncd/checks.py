@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from syncd.config import Config, config_warnings
 from syncd.source import Source, describe_db_error
-from syncd.state import StateStore
+from syncd.state import StateStore, db_error_line
 
 __all__ = ["CheckLine", "run_checks"]
 
@@ -66,8 +66,7 @@ def _check_state(config: Config) -> Iterator[CheckLine]:
     try:
         current = state.schema_is_current()
     except (sa.exc.DBAPIError, OSError) as error:
-        reason = str(getattr(error, "orig", error)).strip().splitlines()[0]
-        yield CheckLine("error", "state", f"{url}: {reason}")
+        yield CheckLine("error", "state", f"{url}: {db_error_line(error)}")
         return
     finally:
         state.close()

@@ -133,7 +133,9 @@ def _open_runtime(config: Config, **kwargs: Any):  # type: ignore[no-untyped-def
     try:
         return Runtime.open(config, **kwargs)
     except sa.exc.OperationalError as error:
-        raise CommandError(f"state database {_safe_url(config.state.url)}: {str(error.orig).strip().splitlines()[0]}") from None
+        from syncd.state import db_error_line
+
+        raise CommandError(f"state database {_safe_url(config.state.url)}: {db_error_line(error)}") from None
     except ValueError as error:
         raise CommandError(str(error)) from None
 

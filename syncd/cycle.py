@@ -41,7 +41,7 @@ from syncd.delivery import (
 from syncd.mapping import Mapping, RowRejected, compile_mapping, digest_encoded, encode_payload
 from syncd.metrics import Metrics
 from syncd.source import Bound, SourceError, TableReader
-from syncd.state import Cursor, DeadLetter, LeaseLost, PushRecord, StateStore, display_value, key_text
+from syncd.state import Cursor, DeadLetter, LeaseLost, PushRecord, StateStore, db_error_line, display_value, key_text
 
 __all__ = ["CycleReport", "SyncRunner"]
 
@@ -210,7 +210,7 @@ class SyncRunner:
             except SourceError as error:
                 report.outcome, report.error = "failing", str(error)
             except sa.exc.DBAPIError as error:  # the state database (the source's are SourceError)
-                report.outcome, report.error = "failing", f"state database: {_first_line(error.orig or error)}"
+                report.outcome, report.error = "failing", f"state database: {db_error_line(error)}"
             except LeaseLost:
                 report.outcome, report.error = "skipped", "another syncd took this sync over"
             report.duration_s = time.perf_counter() - started
@@ -618,7 +618,3 @@ def _lag(watermark: Any, bound: Any, settle: timedelta) -> float | None:
         return None
     return None
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -29,7 +29,7 @@ import sqlalchemy as sa
 import structlog
 
 from syncd.config import SourceConfig, SyncConfig
-from syncd.state import Cursor
+from syncd.state import Cursor, db_error_line
 
 __all__ = ["Bound", "SchemaProblem", "Source", "SourceError", "TableReader"]
 
@@ -55,8 +55,7 @@ class Bound:
     """The cycle's upper bound; `value is None` means unbounded (numeric watermarks)."""
 
     value: Any
-    gated_by_open_transaction: bool = False
-    settled: Any = None  # when gated: the source's now minus settle, which `value` stays below
+    settled: Any = None  # set when an open transaction holds `value` below the source's now minus settle
 
 
 class Source:
@@ -265,7 +264,7 @@ class TableReader:
         aware = getattr(column.type, "timezone", False)
         settled = (now if aware else local_now) - settle
         if oldest is not None and oldest < now - settle:
-            return Bound(oldest if aware else local_oldest, True, settled)
+            return Bound(oldest if aware else local_oldest, settled)
         return Bound(settled)
 
     # -- reading
@@ -458,9 +457,7 @@ def _server_hash(value: int) -> bytes:
 
 def describe_db_error(source: Source, error: sa.exc.DBAPIError) -> str:
     """A one-line reason without the statement, parameters or URL (which may hold secrets)."""
-    original = error.orig if error.orig is not None else error
-    first_line = str(original).strip().splitlines()[0] if str(original).strip() else type(original).__name__
-    return f"source {source.name!r} ({source.config.display_url()}): {first_line}"
+    return f"source {source.name!r} ({source.config.display_url()}): {db_error_line(error)}"
 
 
 def _watermark_kind(column: sa.Column[Any], dialect: str) -> str:

@@ -13,7 +13,7 @@ import os
 import socket
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from importlib import resources
@@ -207,7 +207,13 @@ class SyncStatus:
     dead_letters: int
     owner: str | None = None
     lease_until: datetime | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def db_error_line(error: BaseException) -> str:
+    """A database error's first line: the driver's reason, without statement or parameters."""
+    original = getattr(error, "orig", None) or error
+    text = str(original).strip()
+    return text.splitlines()[0] if text else type(original).__name__
 
 
 def utcnow() -> datetime:
