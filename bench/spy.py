@@ -70,6 +70,7 @@ def main() -> int:
     parser.add_argument("--dsn", default=os.environ.get("BENCH_DSN", "postgresql://root@127.0.0.1:5432/test"))
     parser.add_argument("--schema", default="bench")
     parser.add_argument("--out", type=Path, help="keep py-spy's raw (collapsed) stacks in this file")
+    parser.add_argument("--gil", action="store_true", help="only samples holding the GIL (who keeps the others waiting)")
     args = parser.parse_args()
     spy = shutil.which("py-spy", path=str(Path(PYTHON).parent)) or shutil.which("py-spy")
     if spy is None:
@@ -95,7 +96,7 @@ def main() -> int:
         target = once if args.command == "once" else [SYNCD, "reconcile", "-c", str(config)]
         with open(work / "syncd.log", "w") as log:  # keep syncd's own output out of the summary
             subprocess.run(
-                [spy, "record", "-r", "100", "-f", "raw", "-o", str(raw), "--", *target], check=True, stderr=log, stdout=log
+                [spy, "record", "-r", "100", "-f", "raw", *(["--gil"] if args.gil else []), "-o", str(raw), "--", *target], check=True, stderr=log, stdout=log
             )
     print(summarise(raw, args.command))
     shutil.rmtree(work, ignore_errors=True)  # the state db; raw stacks survive only with --out

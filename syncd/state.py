@@ -9,6 +9,7 @@ watermark ahead of what the API acknowledged.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import uuid
@@ -33,6 +34,7 @@ __all__ = [
 ]
 
 SYNC_STATES = ("ok", "failing", "auth_error", "paused", "never_run")
+UPSERT_ROWS = 500  # digests per statement: 2,000 parameters, under every driver's limit
 
 metadata = sa.MetaData()
 
@@ -442,12 +444,7 @@ class StateStore:
                 if lease_ttl is not None and result.rowcount != 1:
                     raise LeaseLost(sync)
             if acked:
-                mark = self._placeholder
-                conn.exec_driver_sql(
-                    f'INSERT INTO digests (sync, "key", digest, source_hash) VALUES ({mark}, {mark}, {mark}, {mark}) '
-                    'ON CONFLICT (sync, "key") DO UPDATE SET digest = excluded.digest, source_hash = excluded.source_hash',
-                    [(sync, key, digest, source) for key, digest, source in acked],
-                )
+                self._upsert_digests(conn, sync, acked)
             if refreshed:  # payload unchanged, source changed: remember the new fingerprint
                 mark = self._placeholder
                 conn.exec_driver_sql(
@@ -487,6 +484,26 @@ class StateStore:
                 )
             if dead_letters:
                 _record_dead_letters(conn, sync, dead_letters, now)
+
+    def _upsert_digests(self, conn: sa.Connection, sync: str, acked: Sequence[tuple[str, bytes, bytes]]) -> None:
+        """Many rows per statement, not one statement per row.
+
+        This runs on the committer thread beside a busy sync thread. SQLite releases the
+        GIL for every statement it steps and the thread then waits for the GIL to come
+        back; row by row (executemany) that wait dominated a backfill's state writes.
+        Keys are unique within one commit (a cycle reads each key once), which
+        PostgreSQL's ON CONFLICT needs of a multi-row statement.
+        """
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            for start in range(0, len(acked), UPSERT_ROWS):
+                part = acked[start : start + UPSERT_ROWS]
+                cursor.execute(
+                    _upsert_statement(self._placeholder, len(part)),
+                    [value for key, digest, source in part for value in (sync, key, digest, source)],
+                )
+        finally:
+            cursor.close()
 
     # -- reading for operators
 
@@ -617,6 +634,15 @@ def _record_dead_letters(
                     sync=sync, key=letter.key, first_seen=now, attempts=1, **values
                 )
             )
+
+
+@functools.lru_cache(maxsize=8)  # a backfill uses the full size and a few remainders
+def _upsert_statement(mark: str, rows: int) -> str:
+    values = ", ".join([f"({mark}, {mark}, {mark}, {mark})"] * rows)
+    return (
+        f'INSERT INTO digests (sync, "key", digest, source_hash) VALUES {values} '
+        'ON CONFLICT (sync, "key") DO UPDATE SET digest = excluded.digest, source_hash = excluded.source_hash'
+    )
 
 
 def _create_engine(url: str) -> sa.Engine:
