@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 import sqlalchemy as sa
@@ -38,9 +38,10 @@ from syncd.delivery import (
     Deliverer,
     DeliveryResult,
 )
-from syncd.mapping import Mapping, RowRejected, compile_mapping, digest_encoded, encode_payload
+from syncd.mapping import MappedRows, Mapping, compile_mapping, map_rows
 from syncd.metrics import Metrics
-from syncd.source import Bound, SourceError, TableReader
+from syncd.offload import Offload
+from syncd.source import Bound, SourceError, TableReader, prefetched
 from syncd.state import Cursor, DeadLetter, LeaseLost, PushRecord, StateStore, db_error_line, display_value, key_text
 
 __all__ = ["CycleReport", "SyncRunner"]
@@ -50,9 +51,7 @@ log = structlog.get_logger(__name__)
 AUTH_BACKOFF_START = timedelta(seconds=5)
 AUTH_BACKOFF_MAX = timedelta(minutes=5)
 FINGERPRINT_ROWS = 5_000  # keys compared per state lookup in a reconcile
-
-_T = TypeVar("_T")
-
+OFFLOAD_AHEAD = 8  # batches a child process may map ahead of the sync thread
 
 @dataclass(slots=True)
 class CycleReport:
@@ -95,11 +94,10 @@ class _Batch:
     """A read batch after mapping: what to send, and what to commit once it is answered."""
 
     cursor: Cursor | None
-    keys: list[str] = field(default_factory=list)  # parallel to records
+    keys: list[str] = field(default_factory=list)  # parallel to encoded
     digests: list[bytes] = field(default_factory=list)
-    records: list[dict[str, Any]] = field(default_factory=list)
-    encoded: list[bytes] = field(default_factory=list)  # the records as sent, parallel to records
-    sources: list[bytes] = field(default_factory=list)  # source fingerprints, parallel to records
+    encoded: list[bytes] = field(default_factory=list)  # the records to send, as they go on the wire
+    sources: list[bytes] = field(default_factory=list)  # source fingerprints, parallel to encoded
     unchanged_keys: list[str] = field(default_factory=list)
     refreshed: list[tuple[str, bytes]] = field(default_factory=list)  # unchanged payload, new fingerprint
     dead_letters: list[DeadLetter] = field(default_factory=list)
@@ -139,6 +137,7 @@ class SyncRunner:
         self.stopped: str | None = None  # set by a configuration error; cleared by a reload
         self._schema_checked = False
         self._compare = True  # whether this cycle looks up digests (False on a first backfill)
+        self._offload_failed = False  # a child process could not start: stay in one process
         self._lease_renewed = 0.0  # a pass over unchanged rows writes only to renew its lease
         self._auth_retry_at = 0.0
         self._auth_backoff = AUTH_BACKOFF_START
@@ -262,14 +261,57 @@ class SyncRunner:
             self._auth_backoff = AUTH_BACKOFF_START
 
     def _changes(self, report: CycleReport) -> Iterator[_Batch]:
+        """Changed rows in watermark order; past `offload_after` rows, read by a child process."""
         cursor = self.state.cursor(self.sync.name)
         report.watermark = cursor.watermark if cursor else None
+        bounds: list[Bound] = []
 
         def on_bound(bound: Bound) -> None:
+            bounds.append(bound)
             report.bound, report.settled = bound.value, bound.settled
 
-        for rows in self.reader.changed_rows(cursor, self.api.max_batch_records, on_bound):
-            yield self._prepare(rows, cursor=self.reader.position(rows[-1]))
+        offload = self._start_offload(cursor)
+        handed_over = False
+        read = 0
+        in_process = self.reader.changed_rows(cursor, self.api.max_batch_records, on_bound)
+        try:
+            for rows in in_process:
+                batch = self._prepare(rows, cursor=self.reader.position(rows[-1]))
+                yield batch
+                read += len(rows)
+                if offload is not None:
+                    try:
+                        handed_over = offload.ready()
+                    except SourceError as error:  # not needed to go on: read on here
+                        log.warning("offload_failed", reason=str(error), action="the cycle goes on in one process")
+                        offload.close()
+                        offload, self._offload_failed = None, True
+                if handed_over:
+                    cursor = batch.cursor
+                    break
+        finally:
+            in_process.close()  # ends its read transaction before the child starts its own
+            if offload is not None and not handed_over:
+                offload.close()
+        if offload is None or not handed_over:
+            return
+        with offload:
+            log.info("cycle_offloaded", rows_read=read, reason="a big cycle reads and maps in a child process")
+            results = offload.batches(cursor, bounds[0])
+            for position, rows_read, mapped in prefetched(results, depth=OFFLOAD_AHEAD):
+                yield self._select(mapped, rows=rows_read, cursor=position)
+
+    def _start_offload(self, cursor: Cursor | None) -> Offload | None:
+        """A child process to read and map this cycle, when more than `offload_after` rows wait."""
+        after = self.sync.offload_after
+        if not after or self._offload_failed or not self.reader.source.can_offload:
+            return None
+        if self.reader.backlog(cursor, limit=after) < after:  # an index range of at most `after` entries
+            return None
+        source = self.reader.source
+        return Offload(
+            self.sync, source.name, source.config, batch_rows=self.api.max_batch_records, target=self._target
+        )
 
     def _everything(self, report: CycleReport) -> Iterator[_Batch]:
         """Every row, in key order; only rows whose source changed are mapped.
@@ -285,7 +327,7 @@ class SyncRunner:
         if fast and self.reader.source_hash_index is not None:
             # The server fingerprints the rows: read keys and fingerprints only, in big
             # chunks, then the full rows of just the stale keys.
-            for pairs in _prefetched(self.reader.fingerprints(FINGERPRINT_ROWS)):
+            for pairs in prefetched(self.reader.fingerprints(FINGERPRINT_ROWS)):
                 keys = [key_text(key) for key, _ in pairs]
                 stored = self.state.known_source_hashes(name, keys)
                 stale = [key for key, (_, source) in zip(keys, pairs, strict=True) if stored.get(key) != source]
@@ -314,42 +356,42 @@ class SyncRunner:
             yield self._prepare(rows, cursor=None)
 
     def _prepare(self, rows: Sequence[Sequence[Any]], *, cursor: Cursor | None, refresh: bool = False) -> _Batch:
-        """Map rows and keep only those whose payload differs from the last acknowledged one.
+        mapped = map_rows(rows, self.mapping, target=self._target, source_hash=self.reader.source_hash)
+        return self._select(mapped, rows=len(rows), cursor=cursor, refresh=refresh)
+
+    def _select(self, mapped: MappedRows, *, rows: int, cursor: Cursor | None, refresh: bool = False) -> _Batch:
+        """Keep the records whose payload differs from the last acknowledged one.
 
         `refresh`: also note new source fingerprints of rows whose payload is unchanged.
         """
-        batch = _Batch(cursor=cursor, rows=len(rows))
-        mapped: list[tuple[str, dict[str, Any], bytes, bytes, bytes]] = []
-        mapping, source_hash = self.mapping, self.reader.source_hash
-        for row in rows:
-            key = key_text(row[0])
-            try:
-                payload = mapping(row)
-            except RowRejected as error:
-                batch.dead_letters.append(
-                    DeadLetter(key=key, reason=f"invalid row: {error}", payload=dict(zip(self.sync.columns, row)))
-                )
-                continue
-            encoded = encode_payload(payload)
-            mapped.append((key, payload, encoded, digest_encoded(encoded, self._target), source_hash(row)))
-        keys = [m[0] for m in mapped]
-        known = self.state.known_digests(self.sync.name, keys) if self._compare else {}
-        sources = self.state.known_source_hashes(self.sync.name, keys) if refresh and self._compare else {}
-        for key, payload, encoded, digest, source in mapped:
+        batch = _Batch(cursor=cursor, rows=rows)
+        batch.dead_letters = [
+            DeadLetter(key=key, reason=f"invalid row: {reason}", payload=row) for key, reason, row in mapped.rejected
+        ]
+        if not self._compare:  # a first backfill: everything is new
+            batch.keys, batch.encoded, batch.digests, batch.sources = (
+                mapped.keys,
+                mapped.encoded,
+                mapped.digests,
+                mapped.sources,
+            )
+            return batch
+        known = self.state.known_digests(self.sync.name, mapped.keys)
+        sources = self.state.known_source_hashes(self.sync.name, mapped.keys) if refresh else {}
+        for key, encoded, digest, source in zip(mapped.keys, mapped.encoded, mapped.digests, mapped.sources, strict=True):
             if known.get(key) == digest:
                 batch.unchanged_keys.append(key)
                 if refresh and sources.get(key) != source:
                     batch.refreshed.append((key, source))
             else:
                 batch.keys.append(key)
-                batch.records.append(payload)
                 batch.encoded.append(encoded)
                 batch.digests.append(digest)
                 batch.sources.append(source)
         return batch
 
     def _submit(self, pool: ThreadPoolExecutor, deliverer: Deliverer, batch: _Batch) -> Future[DeliveryResult]:
-        if not batch.records:
+        if not batch.encoded:
             done: Future[DeliveryResult] = Future()
             done.set_result(DeliveryResult())
             return done
@@ -385,7 +427,7 @@ class SyncRunner:
                     DeadLetter(
                         key=batch.keys[index],
                         reason=f"rejected by the API: {error.description}",
-                        payload=batch.records[index],
+                        payload=orjson.loads(batch.encoded[index]),
                         http_status=error.http_status,
                         api_code=error.api_code,
                     )
@@ -403,7 +445,7 @@ class SyncRunner:
                 resolve.extend(batch.unchanged_keys)
             report.rows_read += batch.rows
             report.unchanged += len(batch.unchanged_keys)
-            report.batches += 1 if batch.records else 0
+            report.batches += 1 if batch.encoded else 0
         nothing = move is None and not (acked or refreshed or pushes or dead or resolve)
         if not nothing or time.monotonic() - self._lease_renewed > self.lease.total_seconds() / 4:
             self._lease_renewed = time.monotonic()
@@ -532,49 +574,6 @@ def _mapping_hash(sync: SyncConfig, reader: TableReader) -> str:
     target = [sync.datastore_id, sync.feed_id]
     data = orjson.dumps({"fields": fields, "columns": reader.hash_columns, "target": target}, option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(data).hexdigest()[:32]
-
-
-def _prefetched(items: Iterator[_T], depth: int = 2) -> Iterator[_T]:
-    """`items`, produced on a thread of their own up to `depth` ahead of the consumer.
-
-    Reading from the source mostly waits on the server, with the GIL released; this lets
-    that wait overlap the consumer's work. Errors reach the consumer in order, and a
-    consumer that stops early stops the producer too.
-    """
-    slots: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        slots.put(("item", item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            slots.put(("end", None))
-        except BaseException as error:  # handed to the consumer
-            slots.put(("error", error))
-
-    thread = threading.Thread(target=contextvars.copy_context().run, args=(produce,), name="prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, value = slots.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stop.set()
-        thread.join()
-        close = getattr(items, "close", None)
-        if close is not None:
-            close()
 
 
 def _answered(

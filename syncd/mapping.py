@@ -36,6 +36,7 @@ import re
 import string
 from collections import abc
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from decimal import Decimal
 from operator import itemgetter
@@ -48,7 +49,16 @@ from phonenumbers import PhoneMetadata
 
 from syncd.config import ConfigError, FieldSpec
 
-__all__ = ["Mapping", "RowRejected", "compile_mapping", "digest_encoded", "encode_payload", "payload_digest"]
+__all__ = [
+    "MappedRows",
+    "Mapping",
+    "RowRejected",
+    "compile_mapping",
+    "digest_encoded",
+    "encode_payload",
+    "map_rows",
+    "payload_digest",
+]
 
 Reader = Callable[[Sequence[Any]], Any]
 Convert = Callable[[Any], Any]
@@ -125,6 +135,44 @@ def digest_encoded(encoded: bytes, target: bytes = b"") -> bytes:
     datastore or feed counts as a change.
     """
     return hashlib.blake2b(encoded, digest_size=16, key=target).digest()
+
+
+@dataclass(slots=True)
+class MappedRows:
+    """Rows after mapping, as parallel lists: cheap to build, and to pickle across processes."""
+
+    keys: list[str] = field(default_factory=list)  # as text, like the state database keeps them
+    encoded: list[bytes] = field(default_factory=list)  # each record as it goes on the wire
+    digests: list[bytes] = field(default_factory=list)  # digest_encoded(encoded, target)
+    sources: list[bytes] = field(default_factory=list)  # source fingerprints of the rows
+    rejected: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)  # key, reason, row
+
+
+def map_rows(
+    rows: Sequence[Sequence[Any]], mapping: Mapping, *, target: bytes, source_hash: Callable[[Sequence[Any]], bytes]
+) -> MappedRows:
+    """Map, encode and digest rows whose first column is the key: the per-row work of a cycle.
+
+    Each record is encoded once; the same bytes give its digest and the request body.
+    """
+    mapped = MappedRows()
+    keys, encoded, digests, sources = mapped.keys, mapped.encoded, mapped.digests, mapped.sources
+    keyed = hashlib.blake2b(digest_size=16, key=target)  # copying it skips hashing the key per row
+    for row in rows:
+        key = row[0] if type(row[0]) is str else str(row[0])
+        try:
+            payload = mapping(row)
+        except RowRejected as error:
+            mapped.rejected.append((key, str(error), dict(zip(mapping.columns, row, strict=False))))
+            continue
+        data = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
+        digest = keyed.copy()
+        digest.update(data)
+        keys.append(key)
+        encoded.append(data)
+        digests.append(digest.digest())
+        sources.append(source_hash(row))
+    return mapped
 
 
 def payload_digest(payload: dict[str, Any]) -> bytes:

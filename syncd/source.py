@@ -16,13 +16,15 @@ open on the CRM for hours.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import hashlib
+import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import sqlalchemy as sa
@@ -31,13 +33,15 @@ import structlog
 from syncd.config import SourceConfig, SyncConfig
 from syncd.state import Cursor, db_error_line
 
-__all__ = ["Bound", "SchemaProblem", "Source", "SourceError", "TableReader"]
+__all__ = ["Bound", "SchemaProblem", "Source", "SourceError", "TableReader", "prefetched"]
 
 log = structlog.get_logger(__name__)
 
 CHUNK_ROWS = 50_000  # rows per read transaction
 FETCH_ROWS = 5_000  # rows per round trip of a server-side cursor
 APPLICATION_NAME = "syncd"  # PostgreSQL application_name, excluded from the open-transaction gate
+
+_T = TypeVar("_T")
 
 
 class SourceError(Exception):
@@ -81,6 +85,12 @@ class Source:
             if self._engine is not None:
                 self._engine.dispose()
                 self._engine = None
+
+    @functools.cached_property
+    def can_offload(self) -> bool:
+        """Whether another process can open this database (an in-memory SQLite one it cannot)."""
+        url = sa.make_url(self.config.url.get_secret_value())
+        return not (url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"))
 
     def reader(self, sync: SyncConfig) -> TableReader:
         return TableReader(self, sync)
@@ -325,14 +335,20 @@ class TableReader:
         return Cursor(row[self.watermark_index], row[0])
 
     def changed_rows(
-        self, cursor: Cursor | None, batch_rows: int, on_bound: Callable[[Bound], None] = lambda bound: None
+        self,
+        cursor: Cursor | None,
+        batch_rows: int,
+        on_bound: Callable[[Bound], None] = lambda bound: None,
+        *,
+        bound: Bound | None = None,
     ) -> Iterator[Sequence[Sequence[Any]]]:
         """Batches of rows after `cursor` and below the source's bound, in (watermark, key) order.
 
         The bound is taken in the same transaction (and snapshot) as the first read, and
-        handed to `on_bound`; later chunks keep it. A row holds `sync.columns` (the key
-        first); on SQLite the canonical watermark text follows them. Rows are the
-        driver's, not copied: this is the hot path.
+        handed to `on_bound`; later chunks keep it. A cycle that continues elsewhere
+        passes its `bound` on instead. A row holds `sync.columns` (the key first); on
+        SQLite the canonical watermark text follows them. Rows are the driver's, not
+        copied: this is the hot path.
         """
         wm, key = self._watermark_expr(), self.table.c[self.sync.key]
         extra = [wm.label("__wm")] if self.watermark_index == len(self.sync.columns) else []
@@ -343,15 +359,17 @@ class TableReader:
         params: dict[str, Any] = {}
 
         def take_bound(conn: sa.Connection) -> None:
-            bound = self.bound(conn)
-            params["__bound"] = bound.value
-            on_bound(bound)
+            taken = self.bound(conn)
+            params["__bound"] = taken.value
+            on_bound(taken)
 
+        if bound is not None:
+            params["__bound"] = bound.value
         yield from self._chunks(
             query,
             lambda last: self._after(cursor if last is None else self.position(last)),
             batch_rows,
-            first=take_bound,
+            first=take_bound if bound is None else None,
             params=params,
         )
 
@@ -449,6 +467,49 @@ _BOUND_WITH_GATE = (
     "SELECT now(), localtimestamp, t, t::timestamp FROM oldest"
 )
 _BOUND_WITHOUT_GATE = "SELECT now(), localtimestamp, NULL::timestamptz, NULL::timestamp"
+
+
+def prefetched(items: Iterator[_T], depth: int = 2) -> Iterator[_T]:
+    """`items`, produced on a thread of their own up to `depth` ahead of the consumer.
+
+    Reading from the source mostly waits on the server, with the GIL released; this lets
+    that wait overlap the consumer's work. Errors reach the consumer in order, and a
+    consumer that stops early stops the producer too.
+    """
+    slots: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        slots.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put(("end", None))
+        except BaseException as error:  # handed to the consumer
+            slots.put(("error", error))
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(produce,), name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = slots.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join()
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
 
 
 def _server_hash(value: int) -> bytes:
