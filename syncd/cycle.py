@@ -72,6 +72,7 @@ class CycleReport:
     backlog: int | None = None
     error: str | None = None
     last_trans_id: str | None = None  # of the newest ACK (every one is in the state database)
+    offloaded_after: int | None = None  # rows read in-process before a child process took over
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -85,6 +86,7 @@ class CycleReport:
             "duration_s": round(self.duration_s, 3),
             "watermark": display_value(self.watermark),
             "backlog": self.backlog,
+            **({"offloaded_after": self.offloaded_after} if self.offloaded_after is not None else {}),
             **({"error": self.error} if self.error else {}),
         }
 
@@ -137,7 +139,6 @@ class SyncRunner:
         self.stopped: str | None = None  # set by a configuration error; cleared by a reload
         self._schema_checked = False
         self._compare = True  # whether this cycle looks up digests (False on a first backfill)
-        self._offload_failed = False  # a child process could not start: stay in one process
         self._lease_renewed = 0.0  # a pass over unchanged rows writes only to renew its lease
         self._auth_retry_at = 0.0
         self._auth_backoff = AUTH_BACKOFF_START
@@ -285,7 +286,7 @@ class SyncRunner:
                     except SourceError as error:  # not needed to go on: read on here
                         log.warning("offload_failed", reason=str(error), action="the cycle goes on in one process")
                         offload.close()
-                        offload, self._offload_failed = None, True
+                        offload = None
                 if handed_over:
                     cursor = batch.cursor
                     break
@@ -295,8 +296,8 @@ class SyncRunner:
                 offload.close()
         if offload is None or not handed_over:
             return
+        report.offloaded_after = read
         with offload:
-            log.info("cycle_offloaded", rows_read=read, reason="a big cycle reads and maps in a child process")
             results = offload.batches(cursor, bounds[0])
             for position, rows_read, mapped in prefetched(results, depth=OFFLOAD_AHEAD):
                 yield self._select(mapped, rows=rows_read, cursor=position)
@@ -304,14 +305,18 @@ class SyncRunner:
     def _start_offload(self, cursor: Cursor | None) -> Offload | None:
         """A child process to read and map this cycle, when more than `offload_after` rows wait."""
         after = self.sync.offload_after
-        if not after or self._offload_failed or not self.reader.source.can_offload:
+        if not after or not self.reader.source.can_offload:
             return None
         if self.reader.backlog(cursor, limit=after) < after:  # an index range of at most `after` entries
             return None
         source = self.reader.source
-        return Offload(
-            self.sync, source.name, source.config, batch_rows=self.api.max_batch_records, target=self._target
-        )
+        try:
+            return Offload(
+                self.sync, source.name, source.config, batch_rows=self.api.max_batch_records, target=self._target
+            )
+        except OSError as error:  # e.g. a sandbox that forbids starting the interpreter again
+            log.warning("offload_failed", reason=str(error), action="the cycle goes on in one process")
+            return None
 
     def _everything(self, report: CycleReport) -> Iterator[_Batch]:
         """Every row, in key order; only rows whose source changed are mapped.
@@ -601,6 +606,8 @@ def _merge(total: CycleReport, more: CycleReport) -> CycleReport:
     for name in ("rows_read", "unchanged", "sent", "batches", "dead_lettered", "duration_s"):
         setattr(more, name, getattr(total, name) + getattr(more, name))
     more.last_trans_id = more.last_trans_id or total.last_trans_id
+    if more.offloaded_after is None:
+        more.offloaded_after = total.offloaded_after
     if more.watermark is None:
         more.watermark = total.watermark
     return more
