@@ -470,9 +470,11 @@ def _e164_converter(attribute: str, region: str | None) -> Convert:
 
 _SEPARATORS = str.maketrans("", "", " -().")
 _CALLING_CODES = frozenset(str(code) for code in phonenumbers.COUNTRY_CODE_TO_REGION_CODE)
+# Any type matching makes a number valid, so the order only decides speed: contact lists
+# are mostly mobile and fixed-line numbers, tried first (about twice as fast as last).
 _NUMBER_TYPES = (
-    "premium_rate", "toll_free", "shared_cost", "voip", "personal_number",
-    "pager", "uan", "voicemail", "fixed_line", "mobile",
+    "mobile", "fixed_line", "premium_rate", "toll_free", "shared_cost", "voip",
+    "personal_number", "pager", "uan", "voicemail",
 )  # fmt: skip
 _validators: dict[str, Callable[[str], bool] | None] = {}  # calling code → proven-valid test
 
@@ -552,7 +554,7 @@ def _validator(code: str) -> Callable[[str], bool] | None:
 def _valid_pattern(metadata: Any) -> re.Pattern[str]:
     """One regex for "matches the general description and some number type", as
     `phonenumbers._number_type_helper(...) != UNKNOWN` decides it."""
-    names = _NUMBER_TYPES[:-1] if metadata.same_mobile_and_fixed_line_pattern else _NUMBER_TYPES
+    names = [name for name in _NUMBER_TYPES if name != "mobile" or not metadata.same_mobile_and_fixed_line_pattern]
     general = _desc_pattern(metadata.general_desc)
     types = [pattern for name in names if (pattern := _desc_pattern(getattr(metadata, name)))]
     if general is None or not types:
