@@ -14,8 +14,14 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
-$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+# dlt gets a venv of its own: its dependencies (rich, ...) would otherwise be imported by
+# syncd too (structlog loads rich when it is installed) and weigh on syncd's figures.
+DLT_VENV := .venv-dlt
+
+$(DLT_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(DLT_VENV)
+	$(DLT_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(DLT_VENV)/bin/python -m pip install --quiet -e '.[bench]'
 	touch $@
 
 demo: $(VENV)/.installed-test
@@ -24,8 +30,8 @@ demo: $(VENV)/.installed-test
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: $(VENV)/.installed-bench
-	$(BIN)/python bench/run.py $(BENCH_ARGS)
+bench: $(VENV)/.installed-test $(DLT_VENV)/.installed
+	$(BIN)/python bench/run.py --dlt-python $(DLT_VENV)/bin/python $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(DLT_VENV) build *.egg-info

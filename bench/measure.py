@@ -5,8 +5,14 @@ Peak RSS is taken two ways and the larger is kept:
   kernel's high-water mark for it (and for any descendant it waited for), exact however
   short the spike; it is per child, so runs never blur into one another the way
   `getrusage(RUSAGE_CHILDREN)` across the whole bench would;
-- a psutil poll (every 50 ms) of the RSS *summed* over the child's process tree, which is
-  what matters if a contender fans out into worker processes at the same time.
+- a poll (every 50 ms) of the RSS *summed* over the child's process tree, which is what
+  matters if a contender fans out into worker processes at the same time.
+
+Summed RSS counts a page shared by two processes (the Python binary, shared libraries)
+twice. The same poll therefore also sums PSS (`/proc/PID/smaps_rollup`: each shared page
+split between the processes mapping it), which is what the tree really occupies, the way
+the kernel's cgroup accounting (systemd's MemoryPeak=) counts it. For one process the two
+differ only by its share of libraries other processes also map.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ class Measured:
     returncode: int
     wall_s: float
     peak_rss_mb: float
+    peak_pss_mb: float
     stdout: str
     stderr: str
 
@@ -92,18 +99,20 @@ def run_measured(argv: Sequence[str], *, env: dict[str, str] | None = None, time
             returncode=process.returncode,
             wall_s=wall,
             peak_rss_mb=max(usage.ru_maxrss / 1024, polled.peak_bytes / 2**20),  # ru_maxrss is KiB
+            peak_pss_mb=polled.peak_pss_kib / 1024,
             stdout=out.read().decode(errors="replace"),
             stderr=err.read().decode(errors="replace"),
         )
 
 
 class _TreePoller(threading.Thread):
-    """Samples the summed RSS of a process and all its descendants until stopped."""
+    """Samples the summed RSS and PSS of a process and all its descendants until stopped."""
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
         self.pid = pid
         self.peak_bytes = 0
+        self.peak_pss_kib = 0
         self._done = threading.Event()
 
     def run(self) -> None:
@@ -113,17 +122,27 @@ class _TreePoller(threading.Thread):
             return
         while not self._done.is_set():
             try:
-                total = root.memory_info().rss
+                total, pss = root.memory_info().rss, _pss_kib(root.pid)
                 for child in root.children(recursive=True):
                     try:
                         total += child.memory_info().rss
-                    except psutil.Error:
+                        pss += _pss_kib(child.pid)
+                    except (psutil.Error, OSError):
                         pass
-            except psutil.Error:
+            except (psutil.Error, OSError):
                 return
             self.peak_bytes = max(self.peak_bytes, total)
+            self.peak_pss_kib = max(self.peak_pss_kib, pss)
             self._done.wait(POLL_S)
 
     def stop(self) -> None:
         self._done.set()
         self.join()
+
+
+def _pss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return 0

@@ -25,7 +25,7 @@ class CommandError(Exception):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    parser = _parser(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help(sys.stderr)
@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="syncd", description="Keep a Webex Campaign datastore in step with a CRM.")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
@@ -96,9 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--rows", type=int, default=200, help="demo contacts (default 200)")
     demo.add_argument("--dir", type=Path, help="keep the demo's files here (default: a temporary directory)")
     simulate = command("simulate-api", _simulate_api, "the local Add-contacts API simulator", config=False)
-    from syncd.simulator import add_cli_arguments
+    if "simulate-api" in argv:  # its options need aiohttp, which no other command loads
+        from syncd.simulator import add_cli_arguments
 
-    add_cli_arguments(simulate)
+        add_cli_arguments(simulate)
     return parser
 
 

@@ -155,3 +155,22 @@ def test_migrations_run_from_the_built_wheel(tmp_path):
         [sys.executable, "-c", code, str(installed), f"sqlite:///{state}"], capture_output=True, text=True, cwd=tmp_path
     )
     assert result.stdout.strip() == "True", result.stderr
+
+
+def test_schema_revision_names_the_newest_migration(tmp_path):
+    from importlib import resources
+
+    from alembic.script import ScriptDirectory
+
+    from syncd.state import SCHEMA_REVISION
+
+    head = ScriptDirectory(str(resources.files("syncd.migrations"))).get_current_head()
+    assert head == SCHEMA_REVISION  # a new migration must bump it, or migrate() would skip it
+
+
+def test_starting_on_a_current_schema_does_not_load_alembic(tmp_path):
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    StateStore(url).migrate()
+    code = "import sys, syncd.state as s; s.StateStore(sys.argv[1]).migrate(); print('alembic' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code, url], capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr
