@@ -271,14 +271,17 @@ class SyncRunner:
             bounds.append(bound)
             report.bound, report.settled = bound.value, bound.settled
 
-        offload = self._start_offload(cursor)
+        offload: Offload | None = None
         handed_over = False
         read = 0
-        in_process = self.reader.changed_rows(cursor, self.api.max_batch_records, on_bound)
+        size = self.api.max_batch_records
+        in_process = self.reader.changed_rows(cursor, size, on_bound)
         try:
             for rows in in_process:
                 batch = self._prepare(rows, cursor=self.reader.position(rows[-1]))
                 yield batch
+                if read == 0 and len(rows) == size:  # a full first batch: is this a big cycle?
+                    offload = self._start_offload(batch.cursor)
                 read += len(rows)
                 if offload is not None:
                     try:
@@ -303,7 +306,10 @@ class SyncRunner:
                 yield self._select(mapped, rows=rows_read, cursor=position)
 
     def _start_offload(self, cursor: Cursor | None) -> Offload | None:
-        """A child process to read and map this cycle, when more than `offload_after` rows wait."""
+        """A child process to read and map the rest of this cycle, when more than `offload_after` rows wait.
+
+        Asked only after a full first batch, so an idle or small cycle never pays for the probe.
+        """
         after = self.sync.offload_after
         if not after or not self.reader.source.can_offload:
             return None
@@ -437,7 +443,10 @@ class SyncRunner:
                         api_code=error.api_code,
                     )
                 )
-            landed = [(batch.keys[i], batch.digests[i], batch.sources[i]) for i in result.acked]
+            if len(result.acked) == len(batch.keys):  # the usual case: all of it
+                landed = list(zip(batch.keys, batch.digests, batch.sources, strict=True))
+            else:
+                landed = [(batch.keys[i], batch.digests[i], batch.sources[i]) for i in result.acked]
             acked.extend(landed)
             refreshed.extend(batch.refreshed)
             pushes.extend(result.pushes)
@@ -540,19 +549,22 @@ class _Committer:
     thread reads and maps the next batches. Commits still happen only after the ACK and
     in read order; the queue is short, so the state never falls far behind, and
     `close()` waits for the last commit and re-raises any failure (LeaseLost included).
+    When commits queue up (a backfill), the waiting ones go into one transaction: they
+    were all acknowledged, and one transaction costs less than several.
     """
 
     def __init__(self, commit: Callable[..., None], *, name: str) -> None:
         self._commit = commit
-        self._queue: queue.Queue[tuple[tuple[Any, ...], dict[str, Any]] | None] = queue.Queue(maxsize=4)
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=4)
         self._error: BaseException | None = None
         context = contextvars.copy_context()
         self._thread = threading.Thread(target=context.run, args=(self._run,), name=name, daemon=True)
         self._thread.start()
 
-    def commit(self, *args: Any, **kwargs: Any) -> None:
+    def commit(self, sync: str, **outcome: Any) -> None:
+        """Queue `StateStore.commit_batch(sync, **outcome)`."""
         self._raise()
-        self._queue.put((args, kwargs))
+        self._queue.put({"sync": sync, **outcome})
 
     def close(self) -> None:
         self._queue.put(None)
@@ -565,12 +577,36 @@ class _Committer:
             raise error
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
+        closing = False
+        while not closing:
+            item = self._queue.get()
+            if item is None:
+                return
+            while not closing:  # take what else is waiting into the same transaction
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    closing = True
+                else:
+                    item = _merged(item, more)
             if self._error is None:  # after a failure nothing more may commit
                 try:
-                    self._commit(*item[0], **item[1])
+                    self._commit(**item)
                 except BaseException as error:  # handed to the sync thread
                     self._error = error
+
+
+def _merged(first: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
+    """Two consecutive commits of one sync as one: the later cursor and lease, everything else added up."""
+    merged = dict(first)
+    for name, value in then.items():
+        if name in ("acked", "refreshed", "pushes", "dead_letters", "resolve_keys"):
+            merged[name] = [*first.get(name, ()), *value]
+        elif name != "cursor" or value is not None:
+            merged[name] = value
+    return merged
 
 
 def _mapping_hash(sync: SyncConfig, reader: TableReader) -> str:

@@ -260,7 +260,10 @@ class ApiClient:
 
     def push(self, datastore_id: str, feed_id: str, records: Sequence[dict[str, Any] | bytes]) -> Ack:
         """POST one batch; records may come already encoded (the sync cycle encodes each once)."""
-        encoded = b",".join(r if isinstance(r, bytes) else orjson.dumps(r) for r in records)
+        if records and type(records[0]) is bytes:  # the sync cycle's: encoded once, when mapped
+            encoded = b",".join(records)  # type: ignore[arg-type]
+        else:
+            encoded = b",".join(r if isinstance(r, bytes) else orjson.dumps(r) for r in records)
         body = b'{"datastore-id":%b,"feed-id":%b,"records":[%b]}' % (
             orjson.dumps(datastore_id),
             orjson.dumps(feed_id),

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from importlib import resources
+from itertools import chain, repeat
 from typing import Any
 
 import orjson
@@ -508,10 +509,9 @@ class StateStore:
         try:
             for start in range(0, len(acked), UPSERT_ROWS):
                 part = acked[start : start + UPSERT_ROWS]
-                cursor.execute(
-                    _upsert_statement(self._placeholder, len(part)),
-                    [value for key, digest, source in part for value in (sync, key, digest, source)],
-                )
+                keys, digests, sources = zip(*part, strict=True)  # flattened in C, not row by row
+                values = list(chain.from_iterable(zip(repeat(sync), keys, digests, sources, strict=False)))
+                cursor.execute(_upsert_statement(self._placeholder, len(part)), values)
         finally:
             cursor.close()
 
