@@ -17,6 +17,7 @@ batches back. The parent keeps every decision about what is sent and what is com
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import subprocess
@@ -24,6 +25,8 @@ import sys
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from typing import Any
+
+import structlog
 
 from syncd.config import SourceConfig, SyncConfig
 from syncd.mapping import MappedRows, compile_mapping, map_rows
@@ -152,4 +155,8 @@ def _serve(conn: Connection) -> None:
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # The child does not log: it knows no secrets to redact. What goes wrong reaches the
+    # parent as an error, which logs it through its own (redacting) pipeline.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL + 1))
+    logging.disable(logging.CRITICAL)
     _serve(Connection(int(sys.argv[1])))

@@ -9,11 +9,12 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
+import orjson
 import phonenumbers
 import pytest
 
 from syncd.config import ConfigError, FieldSpec, SyncConfig
-from syncd.mapping import RowRejected, compile_mapping, payload_digest
+from syncd.mapping import RowRejected, compile_mapping, digest_encoded, map_rows, payload_digest
 
 
 def field(**spec: Any) -> dict[str, FieldSpec]:
@@ -75,6 +76,26 @@ def test_maps_rows_of_a_configured_sync():
         "source": "crm",
         "country": "US",
     }
+
+
+def test_map_rows_encodes_digests_and_sets_bad_rows_aside():
+    config = sync_config()
+    mapping = compile_mapping(config.fields, config.columns)
+    good = (7, datetime(2024, 5, 1), "+1 415-555-2671", "Ada", "ada@example.com", 42, "Lovelace", None)
+    bad = (8, datetime(2024, 5, 1), "not a phone", "Bob", "bob@example.com", 43, "B", None)
+    target = b"datastore 1466, feed 1499"
+
+    mapped = map_rows([good, bad], mapping, target=target, source_hash=lambda row: bytes([row[0]]))
+
+    assert mapped.keys == ["7"]  # keys as the state database keeps them: text
+    assert orjson.loads(mapped.encoded[0]) == mapping(good)
+    assert mapped.digests == [digest_encoded(mapped.encoded[0], target)]
+    assert mapped.digests != [digest_encoded(mapped.encoded[0], b"another datastore")]
+    assert mapped.sources == [b"\x07"]
+    ((key, reason, row),) = mapped.rejected
+    assert key == "8" and reason.startswith("msisdn: 'not a phone' is not a valid phone number")
+    assert row["phone"] == "not a phone" and row["first_name"] == "Bob"
+    assert pickle.loads(pickle.dumps(mapped)) == mapped  # it crosses from the offload child
 
 
 def test_null_attributes_are_left_out_of_the_record():
