@@ -152,11 +152,15 @@ def _serve(conn: Connection) -> None:
         conn.close()
 
 
+def _drop(*_: Any) -> Any:
+    raise structlog.DropEvent
+
+
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # The child does not log: it knows no secrets to redact. What goes wrong reaches the
     # parent as an error, which logs it through its own (redacting) pipeline.
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL + 1))
+    structlog.configure(processors=[_drop])
     logging.disable(logging.CRITICAL)
     _serve(Connection(int(sys.argv[1])))

@@ -228,3 +228,17 @@ def test_in_memory_sqlite_cannot_be_read_by_another_process(tmp_path):
     assert not Source("mem", SourceConfig(url="sqlite:///:memory:")).can_offload
     assert Source("file", SourceConfig(url=f"sqlite:///{tmp_path / 'crm.db'}")).can_offload
     assert Source("pg", SourceConfig(url="postgresql+psycopg://u@h/db")).can_offload
+
+
+@pytest.mark.parametrize("interpreter", ["/bin/false", "/nonexistent/python"])
+def test_a_child_that_cannot_start_leaves_the_cycle_in_one_process(pg_crm, api, tmp_path, monkeypatch, interpreter):
+    from structlog.testing import capture_logs
+
+    pg_crm.insert([contact(i) for i in range(1, ROWS + 1)])
+    config = config_for(pg_crm, api, tmp_path)
+    monkeypatch.setattr("syncd.offload.sys.executable", interpreter)
+    with Runtime.open(load_config(config)) as runtime, capture_logs() as logs:
+        report = runtime.runners["contacts"].run_cycle()
+    assert (report.outcome, report.sent, report.offloaded_after) == ("ok", ROWS, None)
+    assert api.received(DATASTORE) == ROWS
+    assert [entry["event"] for entry in logs if entry["log_level"] == "warning"] == ["offload_failed"]
