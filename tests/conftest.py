@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
+from .crm import Crm
+
 POSTGRES_URL = os.environ.get("SYNCD_TEST_POSTGRES", "postgresql+psycopg://root@127.0.0.1:5432/test")
 MYSQL_URL = os.environ.get("SYNCD_TEST_MYSQL", "mysql+pymysql://root:@127.0.0.1:3306/test")
 REQUIRE_SERVICES = os.environ.get("SYNCD_REQUIRE_SERVICES") == "1"
@@ -80,3 +82,19 @@ def sqlite_url(tmp_path) -> str:
 def source_url(request) -> str:
     """Each real source database in turn."""
     return request.getfixturevalue(f"{request.param}_url")
+
+
+@pytest.fixture
+def crm(source_url: str) -> Iterator[Crm]:
+    """The contacts table on each real source database in turn."""
+    crm = Crm(source_url)
+    yield crm
+    crm.dispose()
+
+
+@pytest.fixture
+def pg_crm(postgres_url: str) -> Iterator[Crm]:
+    """The contacts table on PostgreSQL."""
+    crm = Crm(postgres_url)
+    yield crm
+    crm.dispose()

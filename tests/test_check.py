@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import sqlalchemy as sa
 
 from syncd.cli import main
 
-from .crm import Crm, write_config
+from .crm import write_config
 
 
 def check(capfd: pytest.CaptureFixture[str], config: Path) -> tuple[int, list[str], str]:
@@ -23,13 +22,6 @@ def check(capfd: pytest.CaptureFixture[str], config: Path) -> tuple[int, list[st
 
 def lines_with(lines: list[str], severity: str) -> list[str]:
     return [line for line in lines if line.startswith(severity)]
-
-
-@pytest.fixture
-def crm(source_url: str) -> Iterator[Crm]:
-    crm = Crm(source_url)
-    yield crm
-    crm.dispose()
 
 
 def config_for(tmp_path: Path, source_url: str, **kwargs) -> Path:

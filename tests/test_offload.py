@@ -40,20 +40,6 @@ def api() -> Iterator[RunningSimulator]:
         yield simulator
 
 
-@pytest.fixture
-def crm(source_url: str) -> Iterator[Crm]:
-    crm = Crm(source_url)
-    yield crm
-    crm.dispose()
-
-
-@pytest.fixture
-def pg_crm(postgres_url: str) -> Iterator[Crm]:
-    crm = Crm(postgres_url)
-    yield crm
-    crm.dispose()
-
-
 def config_for(crm: Crm, api: RunningSimulator, tmp_path: Path, *, offload_after: int = OFFLOAD_AFTER) -> Path:
     return write_config(
         tmp_path / "syncd.toml",

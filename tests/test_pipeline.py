@@ -10,7 +10,7 @@ from syncd.cli import main
 from syncd.simulator import SimulatorConfig, start_in_thread
 from syncd.state import StateStore
 
-from .crm import TOKEN, Crm, contact, write_config
+from .crm import TOKEN, contact, write_config
 
 
 @pytest.fixture
@@ -34,13 +34,6 @@ def stored(api) -> dict[str, dict]:
 
 def pushed_records(api) -> int:
     return sum(entry["records"] for entry in api.requests() if entry["status"] == 200)
-
-
-@pytest.fixture
-def crm(source_url):
-    crm = Crm(source_url)
-    yield crm
-    crm.dispose()
 
 
 def test_backfill_delivers_every_row_mapped(crm, api, state_url, tmp_path):

@@ -156,20 +156,6 @@ def config_for(crm: Crm, api: RunningSimulator, tmp_path: Path, state_path: Path
     )
 
 
-@pytest.fixture
-def pg_crm(postgres_url: str) -> Iterator[Crm]:
-    crm = Crm(postgres_url)
-    yield crm
-    crm.dispose()
-
-
-@pytest.fixture
-def crm(source_url: str) -> Iterator[Crm]:
-    crm = Crm(source_url)
-    yield crm
-    crm.dispose()
-
-
 # ---------------------------------------------------------------------------- scenarios
 
 
