@@ -208,8 +208,8 @@ class SyncConfig(_Strict):
     datastore_id: str
     feed_id: str
     paused: bool = False
-    # A cycle that has read this many rows reads and maps the rest in a child process,
-    # so a backfill uses a second core; 0 keeps every cycle in one process.
+    # A cycle that finds more than this many rows waiting hands reading and mapping to a
+    # child process, so a backfill uses a second core; 0 keeps every cycle in one process.
     offload_after: int = Field(50_000, ge=0)
     fields: dict[str, Annotated[FieldSpec, BeforeValidator(_field_spec)]]
 

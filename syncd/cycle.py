@@ -53,6 +53,7 @@ AUTH_BACKOFF_MAX = timedelta(minutes=5)
 FINGERPRINT_ROWS = 5_000  # keys compared per state lookup in a reconcile
 OFFLOAD_AHEAD = 8  # batches a child process may map ahead of the sync thread
 
+
 @dataclass(slots=True)
 class CycleReport:
     """What one cycle did; logged as one summary event and returned to the caller."""
@@ -262,7 +263,7 @@ class SyncRunner:
             self._auth_backoff = AUTH_BACKOFF_START
 
     def _changes(self, report: CycleReport) -> Iterator[_Batch]:
-        """Changed rows in watermark order; past `offload_after` rows, read by a child process."""
+        """Changed rows in watermark order; a big cycle is finished by a child process (`offload.py`)."""
         cursor = self.state.cursor(self.sync.name)
         report.watermark = cursor.watermark if cursor else None
         bounds: list[Bound] = []

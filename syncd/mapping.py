@@ -48,6 +48,7 @@ import phonenumbers
 from phonenumbers import PhoneMetadata
 
 from syncd.config import ConfigError, FieldSpec
+from syncd.state import key_text
 
 __all__ = [
     "MappedRows",
@@ -159,7 +160,7 @@ def map_rows(
     keys, encoded, digests, sources = mapped.keys, mapped.encoded, mapped.digests, mapped.sources
     keyed = hashlib.blake2b(digest_size=16, key=target)  # copying it skips hashing the key per row
     for row in rows:
-        key = row[0] if type(row[0]) is str else str(row[0])
+        key = key_text(row[0])
         try:
             payload = mapping(row)
         except RowRejected as error:
