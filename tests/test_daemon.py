@@ -248,6 +248,35 @@ def test_sigterm_under_load_drains_in_time_and_loses_nothing(crm, api, tmp_path,
     assert_clean_logs(daemon, TOKEN)
 
 
+def test_sigterm_during_a_cycle_handed_to_a_child_process_stops_both(crm, api, tmp_path, daemons):
+    import psutil
+
+    api.set_faults(latency_s=0.03)
+    crm.insert([contact(i) for i in range(1, 3001)])
+    config = daemon_config(tmp_path, crm, api, batch=20, top='drain_timeout = "4s"', extra_sync="offload_after = 100")
+    daemon = daemons(config)
+
+    def child() -> list[psutil.Process]:
+        return [c for c in psutil.Process(daemon.proc.pid).children() if "syncd.offload" in " ".join(c.cmdline())]
+
+    children = wait_for(child, 20, "the child process of the big cycle")
+    wait_for(lambda: api.received("1466") >= 600, 20, "the backfill to be under way")
+    daemon.signal(signal.SIGTERM)  # systemd sends it to the whole cgroup: the child ignores it
+    for process in children:
+        process.send_signal(signal.SIGTERM)
+    assert daemon.wait_exit(timeout=4 + 5) == 0
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert alive == [], "the child outlived the daemon"
+    assert len(stored(api)) < 3000, "the backfill finished before SIGTERM; the test proves nothing"
+
+    api.set_faults(latency_s=0)
+    done = syncd("once", "-c", str(config), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    api.wait_inserted("1466", 3000)
+    assert api.received("1466") == 3000  # what landed before the stop was not sent again
+    assert_clean_logs(daemon, TOKEN)
+
+
 def test_sighup_applies_mapping_and_interval_and_rejects_a_broken_config(crm, api, tmp_path, daemons):
     crm.insert([contact(i) for i in range(1, 21)])
     config = daemon_config(tmp_path, crm, api, interval="60s")
