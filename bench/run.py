@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=HERE / "README.md", help="README whose results section is rewritten")
     args = parser.parse_args(argv)
 
-    command = "make bench BENCH_ARGS=" + shlex.quote(" ".join(sys.argv[1:])) if sys.argv[1:] else "make bench"
+    shown = _without(sys.argv[1:], "--dlt-python")  # make bench adds it itself
+    command = "make bench BENCH_ARGS=" + shlex.quote(" ".join(shown)) if shown else "make bench"
     bench = Bench(args)
     try:
         results = bench.run()
@@ -338,6 +339,19 @@ def write_section(path: Path, section: str) -> None:
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     path.write_text(f"{head}{START}\n{section}\n{END}{tail}")
+
+
+def _without(argv: list[str], option: str) -> list[str]:
+    """`argv` without `option` and its value (given as two words or as option=value)."""
+    kept, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == option:
+            skip = True
+        elif not word.startswith(option + "="):
+            kept.append(word)
+    return kept
 
 
 def say(message: str) -> None:
