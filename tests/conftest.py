@@ -7,12 +7,16 @@ CI can never pass by skipping.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
+import structlog
+
+from syncd.logs import THIRD_PARTY
 
 from .crm import Crm
 
@@ -98,3 +102,21 @@ def pg_crm(postgres_url: str) -> Iterator[Crm]:
     crm = Crm(postgres_url)
     yield crm
     crm.dispose()
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """`syncd` configures logging for the whole process: fresh contextvars for the test,
+    and logging put back as it was for the tests after it."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    library_levels = {name: logging.getLogger(name).level for name in THIRD_PARTY}
+    structlog.contextvars.clear_contextvars()
+    yield
+    structlog.contextvars.clear_contextvars()
+    structlog.reset_defaults()
+    logging.captureWarnings(False)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, library_level in library_levels.items():
+        logging.getLogger(name).setLevel(library_level)

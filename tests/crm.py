@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psutil
 import sqlalchemy as sa
 
 TOKEN = "test-token-5f1c9e"
@@ -162,3 +164,27 @@ feed_id = "1499"
 """
     )
     return path
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 15, what: str = "condition", every: float = 0.02) -> Any:
+    """Poll `condition` until it returns something truthy (returned), or fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+def offload_children(parent: psutil.Process | None = None) -> list[psutil.Process]:
+    """The `python -m syncd.offload` children of `parent` (default: this process), at any depth."""
+    found = []
+    for child in (parent or psutil.Process()).children(recursive=True):
+        try:
+            if "syncd.offload" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:  # gone between listing and asking
+            pass
+    return found

@@ -19,29 +19,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from syncd.cycle import CycleReport
 from syncd.daemon import ProgressLog, effective_config
 from syncd.simulator import SimulatorConfig, start_in_thread
 
-from .crm import TOKEN, Crm, contact, write_config
+from .crm import TOKEN, Crm, contact, offload_children, wait_for, write_config
 
 WRONG_KEY = "wrong-key-0c4a7d"
 
 
 # ---------------------------------------------------------------------------- harness
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(every)
 
 
 class RunningDaemon:
@@ -249,17 +239,12 @@ def test_sigterm_under_load_drains_in_time_and_loses_nothing(crm, api, tmp_path,
 
 
 def test_sigterm_during_a_cycle_handed_to_a_child_process_stops_both(crm, api, tmp_path, daemons):
-    import psutil
-
     api.set_faults(latency_s=0.03)
     crm.insert([contact(i) for i in range(1, 3001)])
     config = daemon_config(tmp_path, crm, api, batch=20, top='drain_timeout = "4s"', extra_sync="offload_after = 100")
     daemon = daemons(config)
 
-    def child() -> list[psutil.Process]:
-        return [c for c in psutil.Process(daemon.proc.pid).children() if "syncd.offload" in " ".join(c.cmdline())]
-
-    children = wait_for(child, 20, "the child process of the big cycle")
+    children = wait_for(lambda: offload_children(psutil.Process(daemon.proc.pid)), 20, "the big cycle's child process")
     wait_for(lambda: api.received("1466") >= 600, 20, "the backfill to be under way")
     daemon.signal(signal.SIGTERM)  # systemd sends it to the whole cgroup: the child ignores it
     for process in children:

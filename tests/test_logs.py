@@ -6,31 +6,15 @@ import io
 import logging
 import os
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
 import structlog
 
-from syncd.logs import THIRD_PARTY, configure_logging, get_logger, register_secret
+from syncd.logs import configure_logging, get_logger, register_secret
 
-
-@pytest.fixture(autouse=True)
-def clean_logging() -> Iterator[None]:
-    """Fresh contextvars per test; logging put back as it was for the tests after us."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    library_levels = {name: logging.getLogger(name).level for name in THIRD_PARTY}
-    structlog.contextvars.clear_contextvars()
-    yield
-    structlog.contextvars.clear_contextvars()
-    structlog.reset_defaults()
-    logging.captureWarnings(False)
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    for name, library_level in library_levels.items():
-        logging.getLogger(name).setLevel(library_level)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def lines(stream: io.StringIO) -> list[dict]:

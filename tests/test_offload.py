@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from syncd.simulator import RunningSimulator, SimulatorConfig, start_in_thread
 from syncd.source import Source, SourceError
 from syncd.state import StateStore
 
-from .crm import TOKEN, Crm, contact, write_config
+from .crm import TOKEN, Crm, contact, offload_children, wait_for, write_config
 
 ROWS = 3_000
 OFFLOAD_AFTER = 200
@@ -50,21 +49,6 @@ def config_for(crm: Crm, api: RunningSimulator, tmp_path: Path, *, offload_after
         in_flight=2,
         extra_sync=f"offload_after = {offload_after}",
     )
-
-
-def offload_children() -> list[psutil.Process]:
-    return [
-        child
-        for child in psutil.Process().children(recursive=True)
-        if "syncd.offload" in " ".join(_cmdline(child))
-    ]
-
-
-def _cmdline(process: psutil.Process) -> list[str]:
-    try:
-        return process.cmdline()
-    except psutil.Error:
-        return []
 
 
 def keys_stored(api: RunningSimulator) -> set[str]:
@@ -168,12 +152,12 @@ def test_the_child_exits_when_the_parent_is_killed(pg_crm, api, tmp_path):
     )
     try:
         parent = psutil.Process(process.pid)
-        deadline = time.monotonic() + 30
-        children: list[psutil.Process] = []
-        while not children and time.monotonic() < deadline and process.poll() is None:
-            children = [c for c in parent.children() if "syncd.offload" in " ".join(_cmdline(c))]
-            time.sleep(0.02)
-        assert children, "syncd once never started its child process"
+
+        def started() -> list[psutil.Process]:
+            assert process.poll() is None, "syncd once ended before its child process was seen"
+            return offload_children(parent)
+
+        children = wait_for(started, 30, "syncd once to start its child process")
         os.kill(process.pid, signal.SIGKILL)
         process.wait(10)
         gone, alive = psutil.wait_procs(children, timeout=15)

@@ -8,14 +8,13 @@ is nowhere it should not be.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,32 +22,21 @@ from typing import Any
 import orjson
 import pytest
 import sqlalchemy as sa
-import structlog
 
 from syncd.cli import main
 from syncd.config import load_config
-from syncd.logs import THIRD_PARTY
 from syncd.runtime import Runtime
 from syncd.simulator import RunningSimulator, SimulatorConfig, start_in_thread
 from syncd.state import StateStore
 
-from .crm import TOKEN, Crm, contact, write_config
+from .crm import TOKEN, Crm, contact, wait_for, write_config
 
 DATASTORE = "1466"
 
+pytestmark = pytest.mark.usefixtures("restore_logging")  # `syncd` configures logging for the process
+
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 15, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def stored(api: RunningSimulator) -> dict[str, dict[str, Any]]:
@@ -96,21 +84,6 @@ class Cli:
         code, out, _ = self(config, "dead-letters", "list", "--json", *extra)
         assert code == 0
         return orjson.loads(out)["dead_letters"]
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """`syncd` configures logging for the process; put it back for the tests after us."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    library_levels = {name: logging.getLogger(name).level for name in THIRD_PARTY}
-    yield
-    structlog.reset_defaults()
-    logging.captureWarnings(False)
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    for name, library_level in library_levels.items():
-        logging.getLogger(name).setLevel(library_level)
 
 
 @pytest.fixture
