@@ -16,6 +16,7 @@ import tomllib
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import sqlalchemy as sa
 from pydantic import (
@@ -120,6 +121,24 @@ class ApiConfig(_Strict):
 class SourceConfig(_Strict):
     url: SecretStr  # may embed a password, so it is never printed whole
     password_file: Path | None = None
+    # The frame naive timestamp columns are written in: "UTC" (what SuiteCRM, Odoo, EspoCRM,
+    # Rails and Django write), "local" (the database session's zone) or an IANA name.
+    timezone: str = "UTC"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        if value != "local":
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"{value!r} is not a time zone; use \"UTC\", \"local\" or an IANA name like \"Europe/Berlin\"") from None
+        return value
+
+    @property
+    def frame(self) -> ZoneInfo | None:
+        """The zone of naive timestamps, or None for the database session's own zone."""
+        return None if self.timezone == "local" else ZoneInfo(self.timezone)
 
     @field_validator("url")
     @classmethod

@@ -4,8 +4,10 @@ The rules that keep changes from being lost live here and only here:
 - rows are read with a keyset cursor, `(wm, key) > (:wm, :key)`, so rows sharing a
   watermark across a batch boundary are never skipped;
 - each cycle reads below an upper bound taken from the *source's* clock minus `settle`,
-  and on PostgreSQL also below the start of the oldest open transaction, so a row whose
-  transaction commits late is still ahead of the cursor when it becomes visible;
+  told in the frame naive timestamps are written in (`[sources] timezone`), never inside
+  the current tick of the column's resolution, and on PostgreSQL also below the start of
+  the oldest open transaction, so a row whose transaction commits late, or lands later in
+  the same second, is still ahead of the cursor when it becomes visible;
 - identifiers come from reflection and are always quoted by SQLAlchemy, never pasted.
 
 The bound is taken in the same transaction (one snapshot) as the first read. Rows are
@@ -23,12 +25,13 @@ import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from typing import Any, TypeVar
 
 import orjson
 import sqlalchemy as sa
 import structlog
+from sqlalchemy.dialects import mysql
 
 from syncd.config import SourceConfig, SyncConfig
 from syncd.state import Cursor, db_error_line
@@ -39,6 +42,7 @@ log = structlog.get_logger(__name__)
 
 CHUNK_ROWS = 50_000  # rows per read transaction
 FETCH_ROWS = 5_000  # rows per round trip of a server-side cursor
+FUTURE_TOLERANCE = timedelta(minutes=5)  # clock skew before a future watermark is reported
 APPLICATION_NAME = "syncd"  # PostgreSQL application_name, excluded from the open-transaction gate
 
 _T = TypeVar("_T")
@@ -113,6 +117,7 @@ class TableReader:
         self.source = source
         self.sync = sync
         self._table: sa.Table | None = None
+        self._sqlite_fraction: bool | None = None  # whether SQLite text times carry fractions
 
     # -- schema
 
@@ -134,7 +139,7 @@ class TableReader:
     def problems(self) -> list[SchemaProblem]:
         """What `syncd check` reports about the live schema: missing columns, keys, indexes."""
         try:
-            return self._problems(self.table)
+            return self._problems(self.table) + self.time_problems()
         except SourceError as error:
             return [SchemaProblem("error", str(error))]
         except sa.exc.DBAPIError as error:
@@ -234,32 +239,74 @@ class TableReader:
     # -- the bound
 
     def bound(self, conn: sa.Connection) -> Bound:
-        """The source's now minus settle (and the PostgreSQL open-transaction gate)."""
+        """Where this cycle's read stops: the source's clock minus settle, in the column's frame.
+
+        Two things hold it back further: on PostgreSQL the start of the oldest open
+        transaction (a row whose transaction commits late carries that older time), and the
+        current tick of the column's resolution (a whole-second column may still receive rows
+        of this second, with keys below the cursor's).
+        """
         column = self.table.c[self.sync.watermark]
         kind = _watermark_kind(column, self.dialect)
         if kind == "number":
             return Bound(None)
         if kind == "unsupported":
             raise SourceError(f"watermark column {column.name!r} is {column.type}; use a timestamp, date or integer column")
-        settle = self.sync.settle
-        if self.dialect == "sqlite":
-            value = conn.scalar(
-                sa.select(sa.func.strftime("%Y-%m-%d %H:%M:%f", "now", f"-{settle.total_seconds():.6f} seconds"))
-            )
-            return Bound(value)
-        if self.dialect in ("mysql", "mariadb"):
-            # NOW(6) is the session's local time, the same frame DATETIME and TIMESTAMP read in.
-            micros = int(settle.total_seconds() * 1_000_000)
-            return Bound(conn.scalar(sa.text(f"SELECT NOW(6) - INTERVAL {micros} MICROSECOND")))
+        now, oldest = self._clock(conn, column)
+        settled = now - self.sync.settle
+        value = oldest if oldest is not None and oldest < settled else settled
+        tick = self._tick(conn, column)
+        if tick >= timedelta(days=1):  # a DATE column: today's rows wait for tomorrow
+            return Bound(self._spelled(value.date()))
+        # `settled` tells `once` when a cycle has passed everything written before it began.
+        return Bound(self._spelled(_floor(value, tick)), self._spelled(settled + tick))
+
+    def _clock(self, conn: sa.Connection, column: sa.Column[Any]) -> tuple[datetime, datetime | None]:
+        """The source's now and the start of its oldest open transaction, in `column`'s frame.
+
+        Naive columns are read in the source's `timezone` frame (default UTC); "local" keeps
+        the database session's own zone. Aware columns compare as instants.
+        """
+        zone = self._zone(column)
+        oldest: datetime | None = None
         if self.dialect == "postgresql":
-            return self._postgres_bound(conn, column, settle)
-        return Bound(conn.scalar(sa.select(sa.func.current_timestamp())) - settle)
+            now, oldest, local_now, local_oldest = self._postgres_clock(conn)
+            if zone == "session":
+                return local_now, local_oldest
+        elif zone == "session":
+            if self.dialect in ("mysql", "mariadb"):  # the frame DATETIME and TIMESTAMP read in
+                return conn.scalar(sa.text("SELECT NOW(6)")), None
+            if self.dialect == "sqlite":  # SQLite's "local" is the process's zone
+                return datetime.fromisoformat(conn.scalar(sa.text(_SQLITE_NOW.format(", 'localtime'")))), None
+            return conn.scalar(sa.select(sa.func.current_timestamp())), None
+        elif self.dialect in ("mysql", "mariadb"):
+            now = conn.scalar(sa.text("SELECT UTC_TIMESTAMP(6)")).replace(tzinfo=UTC)
+        elif self.dialect == "sqlite":
+            now = datetime.fromisoformat(conn.scalar(sa.text(_SQLITE_NOW.format("")))).replace(tzinfo=UTC)
+        else:
+            now = conn.scalar(sa.select(sa.func.current_timestamp()))
+            if now.tzinfo is None:
+                raise SourceError(f"source {self.source.name!r}: cannot tell its clock's zone; set timezone = \"local\"")
+        if zone == "instant":
+            return now, oldest
+        return _naive_in(now, zone), None if oldest is None else _naive_in(oldest, zone)
 
-    def _postgres_bound(self, conn: sa.Connection, column: sa.Column[Any], settle: timedelta) -> Bound:
-        """now() minus settle, held below the start of the oldest open transaction.
+    def _zone(self, column: sa.Column[Any]) -> tzinfo | str:
+        """How the column's values relate to time: "instant" (tz-aware), "session" (the
+        database session's zone, `timezone = "local"`), or the zone naive values are written in."""
+        if self.dialect == "postgresql" and getattr(column.type, "timezone", False):
+            return "instant"
+        frame = self.source.config.frame
+        if frame is None:
+            return "session"
+        if self.dialect in ("mysql", "mariadb") and isinstance(column.type, mysql.TIMESTAMP):
+            return UTC  # stored as UTC, read in the session's zone, which our sessions set to UTC
+        return frame
 
-        One query returns both clocks in both frames (timestamptz for aware columns, the
-        session's local time for naive ones), so an idle cycle pays one round trip here.
+    def _postgres_clock(self, conn: sa.Connection) -> tuple[Any, Any, Any, Any]:
+        """now() and the oldest open transaction's start, as instants and in the session's zone.
+
+        One round trip: an idle cycle pays it and nothing else here.
         """
         if self.source.sees_activity is None:  # privileges do not change under a running daemon
             self.source.sees_activity = bool(conn.scalar(sa.text(_CAN_SEE_ACTIVITY)))
@@ -267,15 +314,88 @@ class TableReader:
                 self.source.warn_gate_once(
                     "this role cannot see other sessions in pg_stat_activity (grant pg_read_all_stats)"
                 )
-        query = _BOUND_WITH_GATE if self.source.sees_activity else _BOUND_WITHOUT_GATE
-        now, local_now, oldest, local_oldest = conn.execute(
-            sa.text(query).bindparams(me=APPLICATION_NAME) if self.source.sees_activity else sa.text(query)
-        ).one()
-        aware = getattr(column.type, "timezone", False)
-        settled = (now if aware else local_now) - settle
-        if oldest is not None and oldest < now - settle:
-            return Bound(oldest if aware else local_oldest, settled)
-        return Bound(settled)
+        if self.source.sees_activity:
+            statement = sa.text(_CLOCK_WITH_GATE).bindparams(me=APPLICATION_NAME)
+        else:
+            statement = sa.text(_CLOCK_WITHOUT_GATE)
+        now, oldest, local_now, local_oldest = conn.execute(statement).one()
+        return now, oldest, local_now, local_oldest
+
+    def _tick(self, conn: sa.Connection, column: sa.Column[Any]) -> timedelta:
+        """The column's resolution: the bound never reaches into the current tick.
+
+        Whole-second MySQL/MariaDB or PostgreSQL columns (and SQLite text written without
+        fractions) would otherwise let a row of the current second land behind the cursor.
+        """
+        python_type = column.type.python_type
+        if issubclass(python_type, date) and not issubclass(python_type, datetime):
+            return timedelta(days=1)  # a DATE column
+        if self.dialect in ("mysql", "mariadb"):
+            digits = getattr(column.type, "fsp", None) or 0
+        elif self.dialect == "postgresql":
+            digits = getattr(column.type, "precision", None)
+            digits = 6 if digits is None else digits
+        elif self.dialect == "sqlite":
+            digits = self._sqlite_digits(conn, column)
+        else:
+            digits = 6
+        return timedelta(microseconds=10 ** (6 - min(digits, 6)))
+
+    def _sqlite_digits(self, conn: sa.Connection, column: sa.Column[Any]) -> int:
+        """SQLite keeps times as text in the writer's spelling: read the resolution off the newest value.
+
+        Until a value with a fraction is seen, assume whole seconds (what SQLite's own
+        CURRENT_TIMESTAMP and datetime('now') write).
+        """
+        if self._sqlite_fraction is None:
+            newest = conn.scalar(sa.select(sa.type_coerce(column, sa.String)).order_by(column.desc()).limit(1))
+            if newest is None:
+                return 0
+            self._sqlite_fraction = "." in str(newest)[10:]
+        return 3 if self._sqlite_fraction else 0
+
+    def time_problems(self) -> list[SchemaProblem]:
+        """Watermark values the frame cannot place: text that is no time, or times in the future.
+
+        Newest values ahead of the source's clock mean naive times written in another zone
+        than `timezone` says: such rows would wait hours for the bound to reach them.
+        """
+        column = self.table.c.get(self.sync.watermark)
+        if column is None or _watermark_kind(column, self.dialect) != "time":
+            return []
+        problems = []
+        wm = self._watermark_expr()
+        with self.source.engine.connect() as conn:
+            if self.dialect == "sqlite":
+                bad = conn.scalar(sa.select(column).where(column.is_not(None), wm.is_(None)).limit(1))
+                if bad is not None:
+                    problems.append(
+                        SchemaProblem("error", f"watermark column {column.name!r} holds {bad!r}, which is not a time")
+                    )
+            newest = conn.scalar(sa.select(wm).order_by(wm.desc()).limit(1))
+            now, _ = self._clock(conn, column)
+        if isinstance(newest, str):
+            newest = datetime.fromisoformat(newest)
+        if isinstance(newest, datetime) and (newest.tzinfo is None) == (now.tzinfo is None):
+            ahead = newest - now
+            if ahead > FUTURE_TOLERANCE:
+                frame = self.source.config.timezone
+                problems.append(
+                    SchemaProblem(
+                        "warning",
+                        f"the newest {column.name} is {ahead} ahead of the source's clock read in {frame!r}: "
+                        f"if naive times are written in another zone, set [sources.{self.source.name}] timezone",
+                    )
+                )
+        return problems
+
+    def _spelled(self, value: datetime | date) -> Any:
+        """A bound as the column compares: SQLite's canonical text, a date, or the datetime."""
+        if self.dialect == "sqlite":
+            if not isinstance(value, datetime):
+                value = datetime.combine(value, datetime.min.time())
+            return value.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        return value
 
     # -- reading
 
@@ -460,13 +580,14 @@ _CAN_SEE_ACTIVITY = (
 )
 # Other sessions' open transactions, not our own (application_name 'syncd'): a write
 # committing late carries a timestamp from its transaction's start.
-_BOUND_WITH_GATE = (
+_CLOCK_WITH_GATE = (
     "WITH oldest AS (SELECT min(xact_start) AS t FROM pg_stat_activity "
     "WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid() AND backend_type = 'client backend' "
     "AND datname = current_database() AND coalesce(application_name, '') <> :me) "
-    "SELECT now(), localtimestamp, t, t::timestamp FROM oldest"
+    "SELECT now(), t, localtimestamp, t::timestamp FROM oldest"
 )
-_BOUND_WITHOUT_GATE = "SELECT now(), localtimestamp, NULL::timestamptz, NULL::timestamp"
+_CLOCK_WITHOUT_GATE = "SELECT now(), NULL::timestamptz, localtimestamp, NULL::timestamp"
+_SQLITE_NOW = "SELECT strftime('%Y-%m-%d %H:%M:%f', 'now'{})"
 
 
 def prefetched(items: Iterator[_T], depth: int = 2) -> Iterator[_T]:
@@ -512,6 +633,16 @@ def prefetched(items: Iterator[_T], depth: int = 2) -> Iterator[_T]:
             close()
 
 
+def _naive_in(instant: datetime, zone: tzinfo) -> datetime:
+    return instant.astimezone(zone).replace(tzinfo=None)
+
+
+def _floor(value: datetime, tick: timedelta) -> datetime:
+    """`value` rounded down to a multiple of `tick` (a divisor of one second)."""
+    micros = tick // timedelta(microseconds=1)
+    return value - timedelta(microseconds=value.microsecond % micros) if micros > 1 else value
+
+
 def _server_hash(value: int) -> bytes:
     return value.to_bytes(8, "big", signed=True)
 
@@ -530,6 +661,8 @@ def _watermark_kind(column: sa.Column[Any], dialect: str) -> str:
         return "time"
     if issubclass(python_type, (int,)) or python_type.__name__ == "Decimal":
         return "number"
+    if dialect == "sqlite" and issubclass(python_type, str):
+        return "time"  # SQLite keeps times as text: compared in their canonical form
     return "unsupported"
 
 
@@ -543,7 +676,17 @@ def _create_engine(config: SourceConfig) -> sa.Engine:
     if backend in ("postgresql", "mysql", "mariadb"):
         # Repeatable read: a chunk's rows all come from one snapshot.
         kwargs["isolation_level"] = "REPEATABLE READ"
-    return sa.create_engine(url, **kwargs)
+    engine = sa.create_engine(url, **kwargs)
+    if backend in ("mysql", "mariadb") and config.frame is not None:
+
+        @sa.event.listens_for(engine, "connect")
+        def _utc_session(dbapi_connection: Any, _record: Any) -> None:
+            # TIMESTAMP columns then read as UTC, and NOW() in a filter means the same everywhere.
+            cursor = dbapi_connection.cursor()
+            cursor.execute("SET time_zone = '+00:00'")
+            cursor.close()
+
+    return engine
 
 
 def parse_watermark(reader: TableReader, text: str) -> Cursor:
@@ -555,10 +698,12 @@ def parse_watermark(reader: TableReader, text: str) -> Cursor:
     if kind != "time":
         raise SourceError(f"watermark column {column.name!r} is {column.type}; cannot reset it to {text!r}")
     value = datetime.fromisoformat(text)
+    zone = reader._zone(column)
+    if zone == "instant":
+        if value.tzinfo is None:
+            raise ValueError("the watermark column has a time zone: give one, e.g. 2026-01-01T00:00:00+00:00")
+    elif value.tzinfo is not None:  # an instant, told in the frame the column is written in
+        value = value.replace(tzinfo=None) if zone == "session" else _naive_in(value, zone)  # type: ignore[arg-type]
     if reader.dialect == "sqlite":
         return Cursor(value.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3], None)
-    if getattr(column.type, "timezone", False) and value.tzinfo is None:
-        raise ValueError("the watermark column has a time zone: give one, e.g. 2026-01-01T00:00:00+00:00")
-    if not getattr(column.type, "timezone", False) and value.tzinfo is not None:
-        value = value.replace(tzinfo=None)  # naive columns hold the source's local time
     return Cursor(value, None)
