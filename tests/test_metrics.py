@@ -1,14 +1,24 @@
-"""syncd.metrics, scraped from its real HTTP endpoint."""
+"""syncd.metrics, scraped from its real HTTP endpoint, and wired into the sync cycle."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from importlib.metadata import version
+from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from syncd.metrics import Metrics, MetricsServer, parse_listen
+from syncd.config import load_config
+from syncd.metrics import Metrics, MetricsServer, parse_listen, schedule_seconds
+from syncd.runtime import Runtime
+from syncd.simulator import RunningSimulator, SimulatorConfig, start_in_thread
+from syncd.state import StateStore
+
+from .crm import TOKEN, Crm, contact, write_config
 
 
 @pytest.fixture
@@ -43,8 +53,10 @@ def feed(metrics: Metrics, sync: str) -> None:
     metrics.push(sync, None, None, 30.0)
     metrics.cycle(sync, 2.5, "ok")
     metrics.cycle(sync, 0.4, "failed")
-    metrics.set_watermark_lag(sync, 42.0)
     metrics.set_backlog(sync, 7)
+    metrics.set_last_success(sync, datetime(2026, 12, 1, 3, 0, tzinfo=UTC))
+    metrics.set_open_dead_letters(sync, 3)
+    metrics.set_schedule(SimpleNamespace(name=sync, interval=timedelta(seconds=30), cron=None))
     metrics.set_state(sync, "failing")
 
 
@@ -67,10 +79,13 @@ def test_scrape_shows_every_family_and_label(served) -> None:
     assert s["syncd_cycle_duration_seconds_count"][c] == 2
     assert s["syncd_cycles_total"][(("outcome", "ok"), ("sync", "contacts"))] == 1
     assert s["syncd_cycles_total"][(("outcome", "failed"), ("sync", "contacts"))] == 1
-    assert s["syncd_watermark_lag_seconds"][c] == 42
     assert s["syncd_backlog_rows"][c] == 7
+    assert s["syncd_last_success_timestamp_seconds"][c] == datetime(2026, 12, 1, 3, 0, tzinfo=UTC).timestamp()
+    assert s["syncd_dead_letters_open"][c] == 3
+    assert s["syncd_schedule_interval_seconds"][c] == 30
+    assert "syncd_watermark_lag_seconds" not in s  # grew on every idle healthy table: gone
     states = {dict(k)["state"]: v for k, v in s["syncd_sync_state"].items()}
-    assert states == {"ok": 0, "failing": 1, "auth_error": 0, "paused": 0, "never_run": 0}
+    assert states == {"ok": 0, "failing": 1, "auth_error": 0, "config_error": 0, "paused": 0, "never_run": 0}
 
 
 def test_help_texts_are_exported(served) -> None:
@@ -92,14 +107,38 @@ def test_state_moves_and_unknowns_are_rejected(served) -> None:
 
 def test_none_removes_a_gauge_series(served) -> None:
     metrics, server = served
-    metrics.set_watermark_lag("contacts", 3.0)
+    metrics.set_last_success("contacts", datetime.now(UTC))
     metrics.set_backlog("contacts", 9)
-    metrics.set_watermark_lag("contacts", None)
+    metrics.set_last_success("contacts", None)
     metrics.set_backlog("contacts", None)
     metrics.set_backlog("never_set", None)  # removing what is not there is fine
     s = scrape(server)
-    assert "syncd_watermark_lag_seconds" not in s
+    assert "syncd_last_success_timestamp_seconds" not in s
     assert "syncd_backlog_rows" not in s
+
+
+def test_build_info_and_process_metrics_are_exported(served) -> None:
+    _, server = served
+    s = scrape(server)
+    assert s["syncd_build_info"] == {(("version", version("syncd")),): 1}
+    assert s["process_resident_memory_bytes"][()] > 0
+    assert s["process_start_time_seconds"][()] > 0
+    assert "python_info" in s
+    assert "python_gc_collections_total" in s
+
+
+@pytest.mark.parametrize(
+    ("interval", "cron", "seconds"),
+    [
+        (timedelta(seconds=30), None, 30),
+        (None, "*/5 * * * *", 300),
+        (None, "0 3 * * *", 86_400),
+        (None, "0 9 * * 1-5", 72 * 3600),  # Friday 09:00 to Monday 09:00
+        (None, "*/10 9-17 * * 1-5", (24 + 24 + 15) * 3600 + 10 * 60),  # Friday 17:50 to Monday 09:00
+    ],
+)
+def test_schedule_is_the_longest_wait_between_two_cycles(interval, cron, seconds) -> None:
+    assert schedule_seconds(SimpleNamespace(interval=interval, cron=cron)) == seconds
 
 
 def test_forget_drops_only_that_sync(served) -> None:
@@ -112,7 +151,7 @@ def test_forget_drops_only_that_sync(served) -> None:
         for series in scrape(server).values()
         for labels in series
     }
-    assert syncs == {"leads"}
+    assert syncs == {"leads", None}  # None: build info and process metrics, which no sync owns
 
 
 def test_registries_are_independent() -> None:
