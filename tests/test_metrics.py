@@ -201,3 +201,136 @@ def test_parse_listen(listen: str, expected: tuple[str, int]) -> None:
 def test_parse_listen_rejects(listen: str) -> None:
     with pytest.raises(ValueError):
         parse_listen(listen)
+
+
+# ---------------------------------------------------------------------------- wired into the cycle
+
+LEADS = """
+[[syncs]]
+name = "leads"
+source = "crm"
+table = "contacts"
+key = "id"
+watermark = "updated_at"
+cron = "0 3 * * *"
+datastore_id = "1467"
+feed_id = "1499"
+
+[syncs.fields]
+msisdn = { column = "phone", transform = "e164", required = true }
+"""
+
+
+@pytest.fixture
+def api() -> Iterator[RunningSimulator]:
+    with start_in_thread(SimulatorConfig(tokens=(TOKEN,), key_attribute="accountid")) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+def crm(sqlite_url: str) -> Iterator[Crm]:
+    crm = Crm(sqlite_url)
+    yield crm
+    crm.dispose()
+
+
+@pytest.fixture
+def config(crm: Crm, api: RunningSimulator, tmp_path: Path) -> Path:
+    """Two syncs: `contacts` every second, `leads` daily by cron (never run in these tests)."""
+    path = write_config(
+        tmp_path / "syncd.toml", source_url=crm.url, api_url=api.url, state_url=f"sqlite:///{tmp_path / 'state.db'}"
+    )
+    path.write_text(path.read_text() + LEADS)
+    return path
+
+
+def sample(runtime: Runtime, name: str, sync: str, **labels: str) -> float | None:
+    return runtime.metrics.registry.get_sample_value(name, {"sync": sync, **labels})
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_every_sync_has_its_series_from_start_up_before_any_cycle(crm, config) -> None:
+    crm.insert([contact(i) for i in range(1, 9)] + [contact(9, phone="not a phone"), contact(10, phone="")])
+    with Runtime.open(load_config(config)) as runtime:
+        assert runtime.runners["contacts"].run_cycle().outcome == "ok"
+    stored = {row.name: row for row in StateStore(load_config(config).state.url).status()}
+    assert stored["contacts"].dead_letters == 2
+
+    with Runtime.open(load_config(config)) as restarted:  # no cycle runs from here on
+        assert sample(restarted, "syncd_sync_state", "contacts", state="ok") == 1
+        assert sample(restarted, "syncd_last_success_timestamp_seconds", "contacts") == (
+            stored["contacts"].last_success_at.timestamp()
+        )
+        assert sample(restarted, "syncd_backlog_rows", "contacts") == 0
+        assert sample(restarted, "syncd_dead_letters_open", "contacts") == 2
+        assert sample(restarted, "syncd_schedule_interval_seconds", "contacts") == 1
+        assert sample(restarted, "syncd_records_sent_total", "contacts") == 0  # counters start at 0, present
+        assert sample(restarted, "syncd_cycles_total", "contacts", outcome="failed") == 0
+
+        assert sample(restarted, "syncd_sync_state", "leads", state="never_run") == 1
+        assert sample(restarted, "syncd_schedule_interval_seconds", "leads") == 86_400
+        assert sample(restarted, "syncd_dead_letters_open", "leads") == 0
+        # Unknown until measured or first successful: absent, never a reassuring 0.
+        assert sample(restarted, "syncd_backlog_rows", "leads") is None
+        assert sample(restarted, "syncd_last_success_timestamp_seconds", "leads") is None
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_backlog_is_measured_while_the_api_is_down(crm, api, config) -> None:
+    crm.insert([contact(i) for i in range(1, 31)])
+    with Runtime.open(load_config(config)) as runtime:
+        runner = runtime.runners["contacts"]
+        api.set_faults(fail_rate=1.0)  # every request answered 500
+
+        assert runner.run_cycle().outcome == "failing"
+        assert sample(runtime, "syncd_backlog_rows", "contacts") == 30
+        crm.insert([contact(i) for i in range(31, 51)])
+        assert runner.run_cycle().outcome == "failing"
+        assert sample(runtime, "syncd_backlog_rows", "contacts") == 50  # rows pile up, and it shows
+        assert sample(runtime, "syncd_sync_state", "contacts", state="failing") == 1
+        assert sample(runtime, "syncd_last_success_timestamp_seconds", "contacts") is None
+        assert runtime.state.status()[0].backlog == 50  # `syncd status` says the same
+
+        api.set_faults(fail_rate=0.0)
+        before = datetime.now(UTC).timestamp()
+        assert runner.run_cycle().outcome == "ok"
+        assert sample(runtime, "syncd_backlog_rows", "contacts") == 0
+        assert sample(runtime, "syncd_sync_state", "contacts", state="ok") == 1
+        assert sample(runtime, "syncd_last_success_timestamp_seconds", "contacts") >= before
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_open_dead_letters_follow_the_source_rows(crm, config) -> None:
+    crm.insert([contact(1), contact(2, phone="not a phone"), contact(3, phone="nor this")])
+    with Runtime.open(load_config(config)) as runtime:
+        runner = runtime.runners["contacts"]
+        runner.run_cycle()
+        assert sample(runtime, "syncd_dead_letters_open", "contacts") == 2
+        assert sample(runtime, "syncd_dead_letters_total", "contacts") == 2
+        crm.update([2], phone="+442079460002")  # fixed in the CRM: its next push resolves it
+        runner.run_cycle()
+        assert sample(runtime, "syncd_dead_letters_open", "contacts") == 1
+        assert sample(runtime, "syncd_dead_letters_total", "contacts") == 2
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_sync_stopped_by_a_configuration_error_says_so(crm, api, config) -> None:
+    crm.insert([contact(1)])
+    api.queue_faults({"status": 405})
+    with Runtime.open(load_config(config)) as runtime:
+        assert runtime.runners["contacts"].run_cycle().outcome == "config_error"
+        assert sample(runtime, "syncd_sync_state", "contacts", state="config_error") == 1
+        assert sample(runtime, "syncd_sync_state", "contacts", state="failing") == 0
+        assert sample(runtime, "syncd_backlog_rows", "contacts") == 1
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_sync_run_by_another_syncd_shows_that_ones_progress(crm, config) -> None:
+    crm.insert([contact(1), contact(2, phone="not a phone")])
+    with Runtime.open(load_config(config)) as owner, Runtime.open(load_config(config)) as standby:
+        assert owner.runners["contacts"].run_cycle().outcome == "ok"  # holds the lease now
+        assert standby.runners["contacts"].run_cycle().outcome == "skipped"
+        row = standby.state.status()[0]
+        assert sample(standby, "syncd_last_success_timestamp_seconds", "contacts") == row.last_success_at.timestamp()
+        assert sample(standby, "syncd_sync_state", "contacts", state="ok") == 1
+        assert sample(standby, "syncd_dead_letters_open", "contacts") == 1
