@@ -547,7 +547,7 @@ class SyncRunner:
             self.state.set_state(name, state, error=report.error, backlog=report.backlog)
             self.metrics.set_open_dead_letters(name, self.state.open_dead_letter_count(name))
         elif (stored := self.state.sync_status(name)) is not None:  # another syncd runs it: show its progress
-            self.metrics.restore([stored], [self.sync])
+            self.metrics.show_stored(stored)
         level = "info" if report.outcome in ("ok", "paused", "skipped") else "error"
         getattr(log, level)("cycle", **report.summary())
 

@@ -207,30 +207,35 @@ class Metrics:
 
     def restore(self, stored: Iterable[SyncStatus], syncs: Iterable[SyncConfig]) -> None:
         """Give each of ``syncs`` its series before its first cycle ends: the schedule
-        from its config, state, backlog, last success and open dead letters from its
-        row in the state database (``stored``, as `StateStore.status()` reads it).
-
-        A state this module does not know (a newer state database) leaves that
-        gauge unset rather than failing the start.
-        """
+        from its config, counters at 0 (so the first increase shows as a rate), and
+        the gauges of its row in the state database (``stored``, as
+        `StateStore.status()` reads them; a sync without a row has none yet)."""
         rows = {row.name: row for row in stored}
         for sync in syncs:
             self.set_schedule(sync)
-            # Counters at 0 from the start, so the first increase is a visible rate.
-            for family in (self._rows_read, self._records_sent, self._unchanged, self._dead_letters):
-                family.labels(sync.name)
-            for family in (self._push_seconds, self._cycle_seconds):
+            for family in (
+                self._rows_read,
+                self._records_sent,
+                self._unchanged,
+                self._dead_letters,
+                self._push_seconds,
+                self._cycle_seconds,
+            ):
                 family.labels(sync.name)
             for outcome in ("ok", "failed"):
                 self._cycles.labels(sync.name, outcome)
-            row = rows.get(sync.name)
-            if row is None:
-                continue
-            if row.state in STATES:
-                self.set_state(sync.name, row.state)
-            self.set_backlog(sync.name, row.backlog)
-            self.set_last_success(sync.name, row.last_success_at)
-            self.set_open_dead_letters(sync.name, row.dead_letters)
+            if sync.name in rows:
+                self.show_stored(rows[sync.name])
+
+    def show_stored(self, row: SyncStatus) -> None:
+        """State, backlog, last success and open dead letters as the state database has
+        them. A state this module does not know (a newer state database) leaves that
+        gauge as it is rather than failing."""
+        if row.state in STATES:
+            self.set_state(row.name, row.state)
+        self.set_backlog(row.name, row.backlog)
+        self.set_last_success(row.name, row.last_success_at)
+        self.set_open_dead_letters(row.name, row.dead_letters)
 
     def set_state(self, sync: str, state: str) -> None:
         """One series per possible state, 1 for the current one: alerts can use
