@@ -330,10 +330,13 @@ def _version() -> str:
 
 
 def _set_or_remove(gauge: Gauge, sync: str, value: float | None) -> None:
-    if value is None:
-        gauge.remove(sync)
-    else:
+    if value is not None:
         gauge.labels(sync).set(value)
+        return
+    try:
+        gauge.remove(sync)
+    except KeyError:  # not there: older prometheus-client releases raise, newer ones ignore it
+        pass
 
 
 def _remove_sync(family: MetricWrapperBase, sync: str) -> None:
