@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -527,18 +527,27 @@ class SyncRunner:
             "auth_error": "auth_error",
             "skipped": None,
         }.get(report.outcome, "failing")
-        if report.outcome == "ok" and report.kind == "sync":
+        # Backlog after every cycle the source can answer, failed ones included: rows pile
+        # up while the API is down. Not when the cycle failed before the source gave a bound
+        # (the source itself may be what failed; asking again would only wait again).
+        source_failed = report.outcome == "failing" and report.bound is None
+        if report.kind == "sync" and state not in (None, "paused") and not source_failed:
             try:
                 report.backlog = self.reader.backlog(self.state.cursor(name))
-            except SourceError:
+            except (SourceError, sa.exc.DBAPIError):
                 report.backlog = None
-        if state is not None:
-            self.state.set_state(name, state, error=report.error, backlog=report.backlog)
-            self.metrics.set_state(name, state)
+        # Metrics before the state database, which may be what failed this cycle.
         self.metrics.cycle(name, report.duration_s, "ok" if report.outcome == "ok" else "failed")
-        if report.backlog is not None:
-            self.metrics.set_backlog(name, report.backlog)
-        self.metrics.set_watermark_lag(name, _lag(report.watermark, report.bound, self.sync.settle))
+        if state is not None:
+            self.metrics.set_state(name, "config_error" if report.outcome == "config_error" else state)
+            if state == "ok":
+                self.metrics.set_last_success(name, datetime.now(UTC))
+            if report.backlog is not None:
+                self.metrics.set_backlog(name, report.backlog)
+            self.state.set_state(name, state, error=report.error, backlog=report.backlog)
+            self.metrics.set_open_dead_letters(name, self.state.open_dead_letter_count(name))
+        elif (stored := self.state.sync_status(name)) is not None:  # another syncd runs it: show its progress
+            self.metrics.show_stored(stored)
         level = "info" if report.outcome in ("ok", "paused", "skipped") else "error"
         getattr(log, level)("cycle", **report.summary())
 
@@ -648,16 +657,4 @@ def _merge(total: CycleReport, more: CycleReport) -> CycleReport:
     if more.watermark is None:
         more.watermark = total.watermark
     return more
-
-
-def _lag(watermark: Any, bound: Any, settle: timedelta) -> float | None:
-    """How far the watermark trails the source's clock, in seconds."""
-    try:
-        if isinstance(watermark, str) and isinstance(bound, str):
-            watermark, bound = datetime.fromisoformat(watermark), datetime.fromisoformat(bound)
-        if isinstance(watermark, datetime) and isinstance(bound, datetime):
-            return max(0.0, (bound - watermark + settle).total_seconds())
-    except (TypeError, ValueError):
-        return None
-    return None
 

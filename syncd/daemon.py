@@ -610,6 +610,7 @@ class Daemon:
                 )
             if added:
                 runtime.state.ensure_syncs(added)
+            stored = runtime.state.status() if added else []
         except Exception:
             for source in runtime.sources.values():
                 if source not in old_sources.values():
@@ -647,6 +648,7 @@ class Daemon:
                 continue
             self._schedule(slot, sync, run_now=True)
         self._executor_moved = False
+        runtime.metrics.restore(stored, [sync for sync in config.syncs if sync.name in built])
         return {"added": added, "removed": removed, "changed": changed, "unchanged": unchanged}
 
     def _ensure_capacity(self, needed: int) -> None:

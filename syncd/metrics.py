@@ -7,24 +7,55 @@ absent it simply is never served.
 
 Every series carries a ``sync`` label, so :meth:`Metrics.forget` can drop a sync
 that a reload removed instead of exporting its last values forever.
+
+The gauges tell the truth in both directions (DESIGN.md "Operating it"): every
+configured sync has its series from start-up (:meth:`Metrics.restore`, from the state
+database), backlog is measured after failed cycles too, and the age of the data is
+the timestamp of the last successful cycle, which an idle healthy sync keeps fresh.
+There is deliberately no "watermark lag": the watermark of an idle table stands
+still while the clock moves on, so such a gauge grows on a healthy sync.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.metrics import MetricWrapperBase
 
-__all__ = ["STATES", "Metrics", "MetricsServer", "parse_listen"]
+if TYPE_CHECKING:
+    from syncd.config import SyncConfig
+    from syncd.state import SyncStatus
 
-STATES = ("ok", "failing", "auth_error", "paused", "never_run")
+__all__ = ["STATES", "Metrics", "MetricsServer", "parse_listen", "schedule_seconds"]
+
+# The states of `syncd status`, plus config_error: a sync stopped by a configuration
+# error (HTTP 405) until a reload; the state database records it as failing.
+STATES = ("ok", "failing", "auth_error", "config_error", "paused", "never_run")
 
 # One request to the API: tens of milliseconds when healthy, up to the 30 s timeout.
 _PUSH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # One cycle: from an idle poll (milliseconds) to a backfill or reconcile (minutes).
 _CYCLE_BUCKETS = (0.05, 0.25, 1, 5, 15, 60, 300, 900, 3600)
+# How far ahead a cron schedule is scanned for its longest gap: a week and a day covers
+# weekends; the fire cap bounds the scan of an every-minute schedule (~0.1 s).
+_CRON_HORIZON = timedelta(days=8)
+_CRON_MAX_FIRES = 12_000
 
 
 class Metrics:
@@ -81,15 +112,30 @@ class Metrics:
             ["sync", "outcome"],
             registry=r,
         )
-        self._watermark_lag = Gauge(
-            "syncd_watermark_lag_seconds",
-            "Source clock minus the sync's watermark, for timestamp watermarks.",
+        self._backlog = Gauge(
+            "syncd_backlog_rows",
+            "Source rows beyond the watermark, not yet pushed; measured after every cycle "
+            "the source answered, failed ones included. Absent until first measured.",
             ["sync"],
             registry=r,
         )
-        self._backlog = Gauge(
-            "syncd_backlog_rows",
-            "Source rows beyond the watermark, not yet pushed.",
+        self._last_success = Gauge(
+            "syncd_last_success_timestamp_seconds",
+            "Unix time the sync's last successful cycle ended: the data is at most this old "
+            "(plus the sync's settle). Absent before the first success.",
+            ["sync"],
+            registry=r,
+        )
+        self._open_dead_letters = Gauge(
+            "syncd_dead_letters_open",
+            "Dead letters not resolved yet (neither delivered since nor discarded).",
+            ["sync"],
+            registry=r,
+        )
+        self._schedule = Gauge(
+            "syncd_schedule_interval_seconds",
+            "The longest time between two scheduled cycles of the sync: its interval, "
+            "or for a cron schedule the longest gap between runs in the next 8 days.",
             ["sync"],
             registry=r,
         )
@@ -108,10 +154,17 @@ class Metrics:
             self._push_seconds,
             self._cycle_seconds,
             self._cycles,
-            self._watermark_lag,
             self._backlog,
+            self._last_success,
+            self._open_dead_letters,
+            self._schedule,
             self._state,
         )
+        Info("syncd_build", "The running syncd's version (value 1).", registry=r).info({"version": _version()})
+        # The registry is private, so prometheus_client's default collectors are not on it.
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        PlatformCollector(registry=r)  # python_info
+        GCCollector(registry=r)  # python_gc_*
 
     def rows_read(self, sync: str, n: int) -> None:
         self._rows_read.labels(sync).inc(n)
@@ -138,13 +191,51 @@ class Metrics:
         self._cycles.labels(sync, outcome).inc()
         self._cycle_seconds.labels(sync).observe(seconds)
 
-    def set_watermark_lag(self, sync: str, seconds: float | None) -> None:
-        """None (no watermark yet, or a numeric one) removes the series: an absent
-        series reads as "unknown", where 0 would read as "caught up"."""
-        _set_or_remove(self._watermark_lag, sync, seconds)
-
     def set_backlog(self, sync: str, rows: int | None) -> None:
+        """None removes the series: an absent series reads as "unknown", where 0
+        would read as "caught up"."""
         _set_or_remove(self._backlog, sync, rows)
+
+    def set_last_success(self, sync: str, when: datetime | None) -> None:
+        _set_or_remove(self._last_success, sync, None if when is None else when.timestamp())
+
+    def set_open_dead_letters(self, sync: str, count: int) -> None:
+        self._open_dead_letters.labels(sync).set(count)
+
+    def set_schedule(self, sync: SyncConfig) -> None:
+        self._schedule.labels(sync.name).set(schedule_seconds(sync))
+
+    def restore(self, stored: Iterable[SyncStatus], syncs: Iterable[SyncConfig]) -> None:
+        """Give each of ``syncs`` its series before its first cycle ends: the schedule
+        from its config, counters at 0 (so the first increase shows as a rate), and
+        the gauges of its row in the state database (``stored``, as
+        `StateStore.status()` reads them; a sync without a row has none yet)."""
+        rows = {row.name: row for row in stored}
+        for sync in syncs:
+            self.set_schedule(sync)
+            for family in (
+                self._rows_read,
+                self._records_sent,
+                self._unchanged,
+                self._dead_letters,
+                self._push_seconds,
+                self._cycle_seconds,
+            ):
+                family.labels(sync.name)
+            for outcome in ("ok", "failed"):
+                self._cycles.labels(sync.name, outcome)
+            if sync.name in rows:
+                self.show_stored(rows[sync.name])
+
+    def show_stored(self, row: SyncStatus) -> None:
+        """State, backlog, last success and open dead letters as the state database has
+        them. A state this module does not know (a newer state database) leaves that
+        gauge as it is rather than failing."""
+        if row.state in STATES:
+            self.set_state(row.name, row.state)
+        self.set_backlog(row.name, row.backlog)
+        self.set_last_success(row.name, row.last_success_at)
+        self.set_open_dead_letters(row.name, row.dead_letters)
 
     def set_state(self, sync: str, state: str) -> None:
         """One series per possible state, 1 for the current one: alerts can use
@@ -203,11 +294,49 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port_text)
 
 
+def schedule_seconds(sync: SyncConfig) -> float:
+    """The longest wait between two scheduled cycles of ``sync``, in seconds.
+
+    What "no successful cycle for too long" is measured against: an alert can then
+    say "three schedules" whether the sync runs every 30 s or on weekdays at 09:00.
+    The interval's jitter (at most 10 %) is left out; alerts leave a margin anyway.
+    """
+    if sync.cron is None:
+        assert sync.interval is not None  # the config fills in the default
+        return sync.interval.total_seconds()
+    from apscheduler.triggers.cron import CronTrigger
+
+    trigger = CronTrigger.from_crontab(sync.cron, timezone=UTC)
+    now = datetime.now(UTC)
+    end = now + _CRON_HORIZON
+    fire = trigger.get_next_fire_time(None, now)
+    longest = 0.0
+    for _ in range(_CRON_MAX_FIRES):
+        following = None if fire is None else trigger.get_next_fire_time(fire, fire)
+        if fire is None or following is None:
+            break
+        longest = max(longest, (following - fire).total_seconds())
+        if following > end:  # the gap that crosses the horizon still counts (a monthly cron)
+            break
+        fire = following
+    return longest or _CRON_HORIZON.total_seconds()
+
+
+def _version() -> str:
+    try:
+        return version("syncd")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
 def _set_or_remove(gauge: Gauge, sync: str, value: float | None) -> None:
-    if value is None:
-        gauge.remove(sync)
-    else:
+    if value is not None:
         gauge.labels(sync).set(value)
+        return
+    try:
+        gauge.remove(sync)
+    except KeyError:  # not there: older prometheus-client releases raise, newer ones ignore it
+        pass
 
 
 def _remove_sync(family: MetricWrapperBase, sync: str) -> None:

@@ -53,6 +53,7 @@ class Runtime:
             runtime.runners[sync.name] = runtime.runner(sync, should_stop=should_stop, on_progress=on_progress)
         if migrate:
             state.ensure_syncs(runtime.runners)
+            runtime.metrics.restore(state.status(), config.syncs)  # every sync's series before its first cycle
         return runtime
 
     def runner(

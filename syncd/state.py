@@ -595,6 +595,28 @@ class StateStore:
                 .values(resolved_at=utcnow(), resolution="discarded")
             ).rowcount
 
+    def sync_status(self, sync: str) -> SyncStatus | None:
+        """One sync's row of `status()`, read by its key (a daemon that does not hold the
+        sync shows the holder's progress in its metrics)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(syncs_table).where(syncs_table.c.name == sync)).one_or_none()
+        if row is None:
+            return None
+        return SyncStatus(
+            name=row.name,
+            state=row.state,
+            watermark=decode_value(row.watermark),
+            watermark_key=decode_value(row.watermark_key),
+            last_run_at=_aware(row.last_run_at),
+            last_success_at=_aware(row.last_success_at),
+            last_error=row.last_error,
+            records_sent=row.records_sent,
+            backlog=row.backlog,
+            dead_letters=self.open_dead_letter_count(sync),
+            owner=row.owner,
+            lease_until=_aware(row.lease_until),
+        )
+
 
 def _dead_local_owner(owner: str) -> bool:
     host, _, rest = owner.partition(":")

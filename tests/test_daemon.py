@@ -381,7 +381,7 @@ def test_metrics_and_syncs_added_and_removed_by_reload(crm, api, tmp_path, daemo
         "syncd_pushes_total",
         "syncd_push_duration_seconds",
         "syncd_cycle_duration_seconds",
-        "syncd_watermark_lag_seconds",
+        "syncd_last_success_timestamp_seconds",
         "syncd_backlog_rows",
         "syncd_sync_state",
     )
