@@ -20,6 +20,7 @@ Decisions a user of the records can rely on:
   is empty (so `default`, `required` and omission apply to it the same way).
 - **`default` and constants go through the field's transforms**, once, at compile time
   (`default = "us", transform = "upper"` sends "US"); one that cannot is a `FieldError`.
+  A blank one is sent as "" untransformed: `default = ""` clears the attribute.
 - **Values are JSON as the API expects it, with stable types:** str, int, bool and finite
   floats are kept; `Decimal` becomes its exact decimal text ("10.50"; never a float, which
   would round, and never int-when-integral, which would flip the type with the value);
@@ -287,7 +288,13 @@ def _position(attribute: str, column: str, index: dict[str, int]) -> int:
 
 
 def _fold(attribute: str, key: str, convert: Convert, value: Any) -> Any:
-    """Apply the field's transforms to a constant once, so a bad one fails at load time."""
+    """Apply the field's transforms to a constant once, so a bad one fails at load time.
+
+    A blank one is "" as written, past the transforms: `default = ""` is how a field is
+    told to clear the attribute, and no transform (e164, email) would accept it.
+    """
+    if isinstance(value, str) and (not value or value.isspace()):
+        return ""
     try:
         return convert(value)
     except Exception as error:

@@ -200,6 +200,12 @@ def test_blank_strings_are_missing(blank: str):
     assert map_one(blank, required=True, default="n/a") == {"out": "n/a"}
 
 
+@pytest.mark.parametrize("transform", ["e164", "email", "int", "first_name", "upper"])
+def test_a_blank_default_clears_the_attribute_whatever_the_transforms(transform: str):
+    assert map_one(None, transform=transform, default="") == {"out": ""}
+    assert map_one("  ", transform=transform, default="") == {"out": ""}
+
+
 def test_strings_with_text_are_not_blank():
     assert map_one(" x ") == {"out": " x "}
     assert map_one(0) == {"out": 0}
