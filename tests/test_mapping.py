@@ -206,6 +206,15 @@ def test_a_blank_default_clears_the_attribute_whatever_the_transforms(transform:
     assert map_one("  ", transform=transform, default="") == {"out": ""}
 
 
+def test_blank_str_subclasses_are_missing_too():
+    class Text(str):
+        pass
+
+    assert map_one(Text("  ")) == {}
+    assert map_one(Text(" "), transform="upper", default="x") == {"out": "X"}
+    assert map_one(Text("ok")) == {"out": "ok"}
+
+
 def test_strings_with_text_are_not_blank():
     assert map_one(" x ") == {"out": " x "}
     assert map_one(0) == {"out": 0}
