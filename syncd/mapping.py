@@ -203,10 +203,15 @@ def payload_digest(payload: dict[str, Any]) -> bytes:
 
 
 def _reader(attribute: str, spec: FieldSpec, index: dict[str, int]) -> Reader:
-    region_column = spec.region_column
-    if region_column is not None:
-        return _regional_reader(attribute, spec, index, _position(attribute, region_column, index))
     convert = _converter(attribute, spec)
+    regional = None
+    region_column = spec.region_column
+    if region_column is not None:  # the converter takes (value, region)
+        regional, default_region = convert, spec.default_region
+
+        def convert(value: Any) -> Any:  # for the constant and the default: no row, no country
+            return regional(value, default_region)
+
     if spec.value is not None:
         constant = _fold(attribute, "value", convert, spec.value)
         if spec.required and constant in (None, ""):
@@ -215,6 +220,9 @@ def _reader(attribute: str, spec: FieldSpec, index: dict[str, int]) -> Reader:
 
     source = _source(attribute, spec, index)
     default = None if spec.default is None else _fold(attribute, "default", convert, spec.default)
+    if regional is not None:
+        region_at = _position(attribute, region_column or "", index)
+        return _regional_reader(source, regional, region_at, default_region, default, spec.required)
     plain = convert is _jsonable  # no transforms: a str is sent as it is
     # The hot path of every cycle: a str (the usual value) costs one class test and one
     # isspace, and skips the converter when there are no transforms.
@@ -251,22 +259,11 @@ def _reader(attribute: str, spec: FieldSpec, index: dict[str, int]) -> Reader:
     return read
 
 
-def _regional_reader(attribute: str, spec: FieldSpec, index: dict[str, int], region_at: int) -> Reader:
-    """A field whose e164 region comes from the row: the converter takes (value, region)."""
-    convert = _converter(attribute, spec)
-    default_region = spec.default_region
-
-    def fixed(value: Any) -> Any:
-        return convert(value, default_region)
-
-    if spec.value is not None:
-        constant = _fold(attribute, "value", fixed, spec.value)
-        if spec.required and constant in (None, ""):
-            raise FieldError(f"fields.{attribute}: required, but its value is empty")
-        return lambda row: constant
-    source = _source(attribute, spec, index)
-    default = None if spec.default is None else _fold(attribute, "default", fixed, spec.default)
-    required = spec.required
+def _regional_reader(
+    source: Reader, convert: Callable[[Any, str | None], Any], region_at: int, default_region: str | None,
+    default: Any, required: bool,
+) -> Reader:
+    """A field whose e164 region comes from the row's country column (blank: `default_region`)."""
 
     def read(row: Sequence[Any]) -> Any:
         value = source(row)
