@@ -490,6 +490,52 @@ def test_email_refuses_what_is_not_one_address(value: str):
     assert rejected(value, transform="email", required=True).reason == reason
 
 
+def test_email_shortcut_agrees_with_email_validator(monkeypatch: pytest.MonkeyPatch):
+    """Addresses put together from a cached domain verdict are what the library would say.
+
+    Plain and odd local parts (every atext character, dots in bad places, quotes, Unicode,
+    64/65 characters) times plain and odd domains (IDN, upper case, special-use, numeric
+    TLD, hyphens, underscores, overlong labels), each against the library called whole.
+    """
+    import email_validator
+
+    import syncd.mapping
+
+    rng = random.Random(11)
+    atext = "abcXYZ0189!#$%&'*+/=?^_`{|}~-"
+    locals_ = ["anna", "Anna.Schmidt", "a.b.c", ".anna", "anna.", "an..na", '"an na"', "ännä", "a" * 64, "a" * 65, "a b"]
+    locals_ += ["".join(rng.choice(atext + ".") for _ in range(rng.randint(1, 12))) for _ in range(60)]
+    domains = ["example.com", "EXAMPLE.COM", "Müller.de", "xn--mller-kva.de", "example.test", "localhost", "x.local",
+               "example.123", "-bad.com", "bad-.com", "my_host.com", "a" * 64 + ".com", "b" * 63 + ".com",
+               "mail.example.co.uk", "example", "[127.0.0.1]", "exa mple.com", ""]  # fmt: skip
+    calls = 0
+    library = email_validator.validate_email
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return library(*args, **kwargs)
+
+    monkeypatch.setattr(syncd.mapping, "validate_email", counted)
+    syncd.mapping._email_domain.cache_clear()
+    cases = [f"{local}@{domain}" for local in locals_ for domain in domains] + ["a" * 60 + "@" + "b" * 63 + "." + "c" * 63 + "." + "d" * 63 + ".com"]
+    for text in cases:
+        try:
+            address = library(text, check_deliverability=False)
+            expected: str | None = address.ascii_email or address.normalized
+        except email_validator.EmailNotValidError:
+            expected = None
+        if expected is None:
+            with pytest.raises(RowRejected):
+                map_one(text, transform="email")
+        else:
+            assert map_one(text, transform="email") == {"out": expected}, text
+    calls = 0
+    mapped = [map_one(f"Person{i}@Example.COM", transform="email") for i in range(500)]
+    assert mapped[7] == {"out": "Person7@example.com"}
+    assert calls <= 1  # one domain verdict serves every contact of that domain
+
+
 def test_email_blank_is_missing_not_invalid():
     assert map_one("  ", transform="email") == {}
 
