@@ -682,8 +682,38 @@ def _name_parts(text: str) -> tuple[str | None, str | None]:
     Schmidt); "Schmidt, Anna" is read last-name-first; particles stay with the last name
     ("van Beethoven"). A single word is a first name only: the last name is missing.
     """
+    # nameparser spends ~100 µs a name. Two plain words that none of its word lists
+    # (titles, suffixes, particles, conjunctions) or its roman numerals claim are first and
+    # last name, as it would say; tests/test_mapping.py compares the two.
+    words = text.split()
+    if len(words) == 2 and not any(_special_name_word(word) for word in words):
+        return words[0], words[1]
     name = HumanName(text)
     return name.first or None, name.last or None
+
+
+@lru_cache(maxsize=1)
+def _name_words() -> frozenset[str]:
+    """Every word nameparser treats specially, lowercased (its lists differ between versions)."""
+    from nameparser.config import CONSTANTS
+
+    lists = ("titles", "first_name_titles", "suffix_acronyms", "suffix_not_acronyms", "suffix_acronyms_ambiguous",
+             "prefixes", "non_first_name_prefixes", "conjunctions", "bound_first_names")  # fmt: skip
+    return frozenset(word.lower() for name in lists for word in getattr(CONSTANTS, name, ()))
+
+
+def _special_name_word(word: str) -> bool:
+    """Whether nameparser might read `word` as more than a plain name: anything but ASCII
+    letters, initials, roman numerals ("II", "Vi") and the words of its lists."""
+    return (
+        len(word) < 2
+        or not (word.isascii() and word.isalpha())
+        or _ROMAN.match(word) is not None
+        or word.lower() in _name_words()
+    )
+
+
+_ROMAN = re.compile(r"(?i)[ivxlcdm]+\Z")  # wider than nameparser's numerals: these go to it
 
 
 def _first_name(value: Any) -> str | None:

@@ -572,6 +572,31 @@ def test_names_split_into_first_and_last(name: str | None, expected: dict[str, s
     assert name_mapping()((name,)) == expected
 
 
+def test_name_shortcut_agrees_with_nameparser():
+    """Two plain words are split without nameparser: check that it would say the same for
+    random names and for every word nameparser has a rule for, in either place."""
+    from nameparser import HumanName
+    from nameparser.config import CONSTANTS
+
+    import syncd.mapping
+
+    rng = random.Random(5)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 9))).capitalize() for _ in range(300)]
+    words += ["ANNA", "schmidt", "II", "Iv", "Mix", "Vi", "Mc", "Mac", "O'Neil", "Jean-Luc", "A", "J.", "Ab.", "Ümit", "王"]
+    lists = ("titles", "first_name_titles", "suffix_acronyms", "suffix_not_acronyms", "prefixes", "conjunctions")
+    special = rng.sample(sorted({word for name in lists for word in getattr(CONSTANTS, name, ())}), 200)
+    cases = [f"{rng.choice(words)} {rng.choice(words)}" for _ in range(600)]
+    cases += [f"{word} Schmidt" for word in special] + [f"Anna {word}" for word in special]
+    cases += [f"{word.capitalize()} Schmidt" for word in special] + [f"Anna {word.upper()}" for word in special]
+    shortcut = 0
+    for text in cases:
+        name = HumanName(text)
+        assert syncd.mapping._name_parts.__wrapped__(text) == (name.first or None, name.last or None), text
+        shortcut += not any(syncd.mapping._special_name_word(word) for word in text.split())
+    assert shortcut > 400  # the shortcut is actually taken
+
+
 def test_name_parts_can_be_required_and_chained():
     mapping = compile_mapping(
         {"lastname": FieldSpec(column="name", transform=["last_name", "upper"], required=True)}, ["name"]
