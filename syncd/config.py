@@ -11,7 +11,6 @@ import difflib
 import os
 import re
 import stat
-import string
 import tomllib
 from datetime import timedelta
 from pathlib import Path
@@ -31,23 +30,21 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from syncd.fields import FieldSpec
+from syncd.mapping import FieldError, compile_mapping
+
 __all__ = [
     "ApiConfig",
     "Config",
     "ConfigError",
-    "FieldSpec",
     "SourceConfig",
     "SyncConfig",
-    "TRANSFORMS",
     "load_config",
 ]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _NAME = r"^[a-z0-9_-]+$"
-
-TRANSFORMS = ("strip", "lower", "upper", "e164", "str", "int", "date", "datetime")
-
 
 class ConfigError(Exception):
     """A config that cannot be used; the message is meant for the operator as-is."""
@@ -158,56 +155,6 @@ class SourceConfig(_Strict):
 
     def display_url(self) -> str:
         return sa.make_url(self.url.get_secret_value()).render_as_string(hide_password=True)
-
-
-class FieldSpec(_Strict):
-    """One datastore attribute: where its value comes from and how it is shaped."""
-
-    column: str | None = None
-    value: str | int | float | bool | None = None  # a constant
-    template: str | None = None  # "{first_name} {last_name}"
-    transform: list[Literal[TRANSFORMS]] = Field(default_factory=list)  # type: ignore[valid-type]
-    required: bool = False
-    region: str | None = None  # e164: region for numbers without a country code
-    format: str | None = None  # date/datetime: strftime format of the output
-    default: str | int | float | bool | None = None  # used when the column is NULL
-
-    @field_validator("transform", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("template")
-    @classmethod
-    def _plain_fields(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        try:
-            names = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
-        except ValueError as error:
-            raise ValueError(f"{value!r} is not a valid template: {error}") from None
-        bad = [name for name in names if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_$ -]*", name)]
-        if not names or bad:
-            raise ValueError(f"{value!r}: use {{column}} fields naming source columns")
-        return value
-
-    @model_validator(mode="after")
-    def _one_origin(self) -> FieldSpec:
-        origins = [name for name in ("column", "value", "template") if getattr(self, name) is not None]
-        if len(origins) != 1:
-            raise ValueError("give exactly one of column, value or template")
-        return self
-
-    @property
-    def columns(self) -> tuple[str, ...]:
-        """The source columns this attribute reads."""
-        if self.column is not None:
-            return (self.column,)
-        if self.template is not None:
-            return tuple(
-                name for _, name, _, _ in string.Formatter().parse(self.template) if name
-            )
-        return ()
 
 
 def _field_spec(value: Any) -> Any:
@@ -342,12 +289,10 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         config = Config(**data)
     except ValidationError as error:
         raise ConfigError(_describe(path, error, data)) from None
-    from syncd.mapping import compile_mapping  # mapping needs this module: import late
-
     for index, sync in enumerate(config.syncs):
         try:
             compile_mapping(sync.fields, sync.columns)
-        except ConfigError as error:
+        except FieldError as error:
             raise ConfigError(f"{path}: invalid config\n  syncs[{index}] ({sync.name}).{error}") from None
     return config
 

@@ -11,11 +11,16 @@ Decisions a user of the records can rely on:
   input) just because the CRM does not know it. A field whose value is NULL after `default`
   is therefore left out of the record. The price: clearing a column in the CRM does not
   clear the datastore; set `default = ""` on a field where it should.
-- **A template that renders to nothing is NULL.** NULL columns render as "", the result is
-  stripped, and an empty result is treated like a NULL column (so `default`, `required`
-  and omission apply to it the same way).
+- **A blank string is NULL.** An empty or whitespace-only string, as read from the column
+  and before any transform, is missing like NULL: left out, a dead letter when `required`,
+  replaced by `default` if there is one. CRMs store "unknown" as '' (EspoCRM's first
+  names); sending it would blank an attribute the datastore knows.
+- **A template that renders to nothing is NULL.** NULL and blank columns render as "", a
+  template whose every column is missing is missing, and so is one whose stripped result
+  is empty (so `default`, `required` and omission apply to it the same way).
 - **`default` and constants go through the field's transforms**, once, at compile time
-  (`default = "us", transform = "upper"` sends "US"); one that cannot is a `ConfigError`.
+  (`default = "us", transform = "upper"` sends "US"); one that cannot is a `FieldError`.
+  A blank one is sent as "" untransformed: `default = ""` clears the attribute.
 - **Values are JSON as the API expects it, with stable types:** str, int, bool and finite
   floats are kept; `Decimal` becomes its exact decimal text ("10.50"; never a float, which
   would round, and never int-when-integral, which would flip the type with the value);
@@ -39,18 +44,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from decimal import Decimal
+from functools import lru_cache
 from operator import itemgetter
 from typing import Any
 from uuid import UUID
 
 import orjson
 import phonenumbers
+import pycountry
+from email_validator import EmailNotValidError, validate_email
+from nameparser import HumanName
 from phonenumbers import PhoneMetadata
 
-from syncd.config import ConfigError, FieldSpec
+from syncd.fields import FieldSpec
 from syncd.state import key_text
 
 __all__ = [
+    "FieldError",
     "MappedRows",
     "Mapping",
     "RowRejected",
@@ -76,6 +86,11 @@ class RowRejected(Exception):
     def __reduce__(self) -> tuple[Any, ...]:
         # Rows may be mapped in worker processes; the default reduce would lose the fields.
         return (RowRejected, (self.attribute, self.reason))
+
+
+class FieldError(ValueError):
+    """A field no row could satisfy; the message starts with its key (`fields.msisdn.default: ...`)
+    and the config loader adds the file and the sync."""
 
 
 class _Invalid(ValueError):
@@ -111,9 +126,9 @@ class Mapping:
 def compile_mapping(fields: abc.Mapping[str, FieldSpec], columns: Sequence[str]) -> Mapping:
     """Compile `fields` (attribute → spec) for rows that arrive as tuples in `columns` order.
 
-    Raises `ConfigError` for what no row could fix: a column that is not read, a template
-    that is not plain `{column}` fields, an unknown region, a default or constant that the
-    field's own transforms reject.
+    Raises `FieldError` for what no row could fix: a column that is not read, a template
+    that is not plain `{column}` fields, a default or constant that the field's own
+    transforms reject.
     """
     index = {name: position for position, name in enumerate(columns)}
     readers = tuple((attribute, _reader(attribute, spec, index)) for attribute, spec in fields.items())
@@ -189,23 +204,42 @@ def payload_digest(payload: dict[str, Any]) -> bytes:
 
 def _reader(attribute: str, spec: FieldSpec, index: dict[str, int]) -> Reader:
     convert = _converter(attribute, spec)
+    regional = None
+    region_column = spec.region_column
+    if region_column is not None:  # the converter takes (value, region)
+        regional, default_region = convert, spec.default_region
+
+        def convert(value: Any) -> Any:  # for the constant and the default: no row, no country
+            return regional(value, default_region)
+
     if spec.value is not None:
         constant = _fold(attribute, "value", convert, spec.value)
         if spec.required and constant in (None, ""):
-            raise ConfigError(f"fields.{attribute}: required, but its value is empty")
+            raise FieldError(f"fields.{attribute}: required, but its value is empty")
         return lambda row: constant
 
-    if spec.column is not None:
-        source: Reader = itemgetter(_position(attribute, spec.column, index))
-    else:
-        source = _template(attribute, spec.template or "", index)
+    source = _source(attribute, spec, index)
     default = None if spec.default is None else _fold(attribute, "default", convert, spec.default)
+    if regional is not None:
+        region_at = _position(attribute, region_column or "", index)
+        return _regional_reader(source, regional, region_at, default_region, default, spec.required)
+    plain = convert is _jsonable  # no transforms: a str is sent as it is
+    # The hot path of every cycle: a str (the usual value) costs one class test and one
+    # isspace, and skips the converter when there are no transforms.
 
     if spec.required:
 
         def read_required(row: Sequence[Any]) -> Any:
             value = source(row)
-            value = default if value is None else convert(value)
+            if value.__class__ is str:
+                if not value or value.isspace():
+                    value = default
+                elif not plain:
+                    value = convert(value)
+            elif value is None or _blank(value):
+                value = default
+            else:
+                value = convert(value)
             if value is None or value == "":
                 raise _Invalid("required value is empty")
             return value
@@ -214,55 +248,123 @@ def _reader(attribute: str, spec: FieldSpec, index: dict[str, int]) -> Reader:
 
     def read(row: Sequence[Any]) -> Any:
         value = source(row)
-        return default if value is None else convert(value)
+        if value.__class__ is str:
+            if not value or value.isspace():
+                return default
+            return value if plain else convert(value)
+        if value is None or _blank(value):
+            return default
+        return convert(value)
 
     return read
 
 
+def _regional_reader(
+    source: Reader, convert: Callable[[Any, str | None], Any], region_at: int, default_region: str | None,
+    default: Any, required: bool,
+) -> Reader:
+    """A field whose e164 region comes from the row's country column (blank: `default_region`)."""
+
+    def read(row: Sequence[Any]) -> Any:
+        value = source(row)
+        if value is None or _blank(value):
+            value = default
+        else:
+            country = row[region_at]
+            value = convert(value, default_region if country is None or _blank(country) else _region_of(country))
+        if required and (value is None or value == ""):
+            raise _Invalid("required value is empty")
+        return value
+
+    return read
+
+
+def _source(attribute: str, spec: FieldSpec, index: dict[str, int]) -> Reader:
+    if spec.column is not None:
+        return itemgetter(_position(attribute, spec.column, index))
+    return _template(attribute, spec.template or "", index)
+
+
+def _blank(value: Any) -> bool:
+    """An empty or whitespace-only string (of any str subclass): a CRM's '' means "unknown"."""
+    return isinstance(value, str) and (not value or value.isspace())
+
+
 def _position(attribute: str, column: str, index: dict[str, int]) -> int:
     if column not in index:
-        raise ConfigError(f"fields.{attribute}: column {column!r} is not among the columns read")
+        raise FieldError(f"fields.{attribute}: column {column!r} is not among the columns read")
     return index[column]
 
 
 def _fold(attribute: str, key: str, convert: Convert, value: Any) -> Any:
-    """Apply the field's transforms to a constant once, so a bad one fails at load time."""
+    """Apply the field's transforms to a constant once, so a bad one fails at load time.
+
+    A blank one is "" as written, past the transforms: `default = ""` is how a field is
+    told to clear the attribute, and no transform (e164, email) would accept it.
+    """
+    if isinstance(value, str) and (not value or value.isspace()):
+        return ""
     try:
         return convert(value)
     except Exception as error:
-        raise ConfigError(f"fields.{attribute}.{key}: {error}") from None
+        raise FieldError(f"fields.{attribute}.{key}: {error}") from None
 
 
-def _converter(attribute: str, spec: FieldSpec) -> Convert:
-    """The field's transforms as one function; with none, the value made JSON-friendly."""
-    steps: list[Convert] = []
+def _converter(attribute: str, spec: FieldSpec) -> Callable[..., Any]:
+    """The field's transforms as one function; with none, the value made JSON-friendly.
+
+    With a per-row region the function takes `(value, region)`, and hands the region to
+    its e164 step. A step that finds nothing (a name without a last name) returns None,
+    which ends the chain: the value is missing.
+    """
+    regional = spec.region_column is not None
+    steps: list[tuple[Callable[..., Any], bool]] = []  # (step, takes the row's region)
     known: type | None = None  # the type the previous step is known to return
     for name in spec.transform:
         if name in ("strip", "lower", "upper", "str"):
             if known is not str:
-                steps.append(_text)
+                steps.append((_text, False))
                 known = str
             if name != "str":
-                steps.append(getattr(str, name))
+                steps.append((getattr(str, name), False))
         elif name == "int":
             if known is not int:
-                steps.append(_to_int)
+                steps.append((_to_int, False))
                 known = int
         elif name == "e164":
-            steps.append(_e164_converter(attribute, spec.region))
+            steps.append((_e164_converter(None if regional else spec.region, spec.mobile_only, regional), regional))
+            known = str
+        elif name == "email":
+            steps.append((_email, False))
+            known = str
+        elif name in ("first_name", "last_name"):
+            steps.append((_first_name if name == "first_name" else _last_name, False))
             known = str
         else:  # date / datetime
-            steps.append(_date_converter(name == "datetime", spec.format))
+            steps.append((_date_converter(name == "datetime", spec.format), False))
             known = str
+    if regional:
+        regional_chain = tuple(steps)
+
+        def convert_regional(value: Any, region: str | None) -> Any:
+            for step, takes_region in regional_chain:
+                value = step(value, region) if takes_region else step(value)
+                if value is None:
+                    return None
+            return value
+
+        return convert_regional
     if not steps:
         return _jsonable
     if len(steps) == 1:
-        return steps[0]
-    chain = tuple(steps)
+        return steps[0][0]
+    chain = tuple(step for step, _ in steps)
 
     def convert(value: Any) -> Any:
         for step in chain:
             value = step(value)
+            if value is None:
+                return None
         return value
 
     return convert
@@ -279,13 +381,13 @@ def _template(attribute: str, template: str, index: dict[str, int]) -> Reader:
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as error:
-        raise ConfigError(f"fields.{attribute}.template: {error}") from None
+        raise FieldError(f"fields.{attribute}.template: {error}") from None
     for literal, name, spec, conversion in parsed:
         parts.append(literal.replace("{", "{{").replace("}", "}}"))
         if name is None:
             continue
         if not name or name.isdigit() or "." in name or "[" in name or "{" in (spec or ""):
-            raise ConfigError(
+            raise FieldError(
                 f"fields.{attribute}.template: {{{name}}} is not a plain {{column}} field"
             )
         plain = not spec and not conversion
@@ -297,8 +399,16 @@ def _template(attribute: str, template: str, index: dict[str, int]) -> Reader:
     fields = tuple(sources)
 
     def rendered(row: Sequence[Any]) -> str | None:
-        values = ["" if (value := row[position]) is None else prepare(value) for position, prepare in fields]
-        return render(*values).strip() or None
+        values = []
+        present = False
+        for position, prepare in fields:
+            value = row[position]
+            if value is None or _blank(value):
+                values.append("")
+            else:
+                values.append(prepare(value))
+                present = True
+        return (render(*values).strip() or None) if present else None  # every part blank: missing
 
     return rendered
 
@@ -435,28 +545,186 @@ def _as_datetime(value: Any) -> datetime:
 # --- e164 ----------------------------------------------------------------------------------
 
 
-def _e164_converter(attribute: str, region: str | None) -> Convert:
-    if region is not None:
-        region = region.upper()
-        if region not in phonenumbers.SUPPORTED_REGIONS:
-            raise ConfigError(f"fields.{attribute}.region: {region!r} is not a region code (e.g. 'US', 'GB')")
-    hint = "" if region else "; it has no +country code and the field sets no region"
+def _e164_converter(region: str | None, mobile_only: bool, regional: bool) -> Callable[..., str]:
+    """The e164 step: `to_e164(value)` for a fixed region (or none), `to_e164(value, region)`
+    when the region comes from the row.
+
+    A "+digits" number carries its country, so the region only reads national numbers: a
+    German contact's +44 mobile stays British, but their "0170 …" is read as German and
+    never as the UK landline the same digits would be.
+    """
+
+    if regional:
+
+        def to_e164_in(value: Any, region: str | None) -> str:
+            text = value if type(value) is str else _text(value)
+            return _fast_e164(text, mobile_only) or _e164_slow(text, region, mobile_only, _NO_COUNTRY)
+
+        return to_e164_in
+
+    hint = "" if region else _NO_REGION
 
     def to_e164(value: Any) -> str:
         text = value if type(value) is str else _text(value)
-        fast = _fast_e164(text)
-        if fast is not None:
-            return fast
-        try:
-            number = phonenumbers.parse(text, region)
-        except phonenumbers.NumberParseException:
-            number = None
-        if number is None or not phonenumbers.is_valid_number(number):
-            why = hint if hint and not text.lstrip().startswith(("+", "\uff0b")) else ""
-            raise _Invalid(f"{text!r} is not a valid phone number{why}")
-        return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+        return _fast_e164(text, mobile_only) or _e164_slow(text, region, mobile_only, hint)
 
     return to_e164
+
+
+_NO_REGION = "; it has no +country code and the field sets no region"
+_NO_COUNTRY = "; it has no +country code and the contact's country is blank"
+# phonenumbers types that `mobile_only` accepts: FIXED_LINE_OR_MOBILE too, because where a
+# plan cannot tell the two apart (the US and Canada, among others) every number has that type
+_MOBILE = frozenset({phonenumbers.PhoneNumberType.MOBILE, phonenumbers.PhoneNumberType.FIXED_LINE_OR_MOBILE})
+_TYPE_NAMES = {
+    getattr(phonenumbers.PhoneNumberType, name): name.lower().replace("_", "-")
+    for name in dir(phonenumbers.PhoneNumberType)
+    if name.isupper()
+}
+
+
+def _e164_slow(text: str, region: str | None, mobile_only: bool, hint: str) -> str:
+    """The library's verdict, for every number the fast path did not prove valid."""
+    try:
+        number = phonenumbers.parse(text, region)
+    except phonenumbers.NumberParseException:
+        number = None
+    if number is not None and number.extension:
+        raise _Invalid(f"{text!r} has an extension; a msisdn reaches one phone, not an extension behind it")
+    if number is None or not phonenumbers.is_valid_number(number):
+        why = hint if not region and not text.lstrip().startswith(("+", "\uff0b")) else ""
+        where = f" in region {region}" if region and not text.lstrip().startswith(("+", "\uff0b")) else ""
+        raise _Invalid(f"{text!r} is not a valid phone number{where}{why}")
+    if mobile_only:
+        kind = phonenumbers.number_type(number)
+        if kind not in _MOBILE:
+            raise _Invalid(f"{text!r} is not a mobile number (a {_TYPE_NAMES.get(kind, 'unknown')} number)")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+@lru_cache(maxsize=4096)
+def _country_region(text: str) -> str | None:
+    """The phone region of a country as CRMs write it, or None if it is not one we know.
+
+    Accepted, case-insensitively and exactly (pycountry's `lookup`): ISO 3166 alpha-2,
+    alpha-3 and numeric codes, the English short name ("Germany"), the official name
+    ("Federal Republic of Germany") and the common name ("South Korea"). Nothing fuzzier:
+    no native names ("Deutschland"), no prefixes, no "UK" (not an ISO code); a guess that
+    is wrong sends a wrong msisdn, a dead letter naming the value can be fixed in the CRM.
+    Region codes the phone library knows but ISO does not (XK) count as codes too.
+    """
+    code = text.strip()
+    if code.upper() in phonenumbers.SUPPORTED_REGIONS:
+        return code.upper()
+    try:
+        country = pycountry.countries.lookup(code)
+    except LookupError:
+        return None
+    return country.alpha_2 if country.alpha_2 in phonenumbers.SUPPORTED_REGIONS else ""
+
+
+def _region_of(country: Any) -> str:
+    """The row's region for its e164 step; a country we cannot place rejects the row."""
+    region = _country_region(country if type(country) is str else _text(country))
+    if not region:
+        known = "has no phone numbering plan" if region == "" else "is not a country code or name we know"
+        raise _Invalid(f"the contact's country {country!r} {known}")
+    return region
+
+
+# --- e-mail and names ----------------------------------------------------------------------
+
+
+def _email(value: Any) -> str:
+    """An address as email-validator normalises it, or the row is rejected.
+
+    `"Name" <a@b>`, lists (`a@x, b@y`, `a@x; b@y`) and anything else that is not one
+    address are refused, required or not: sending to a wrong address is worse than not
+    sending. Surrounding spaces are dropped. The domain is lowercased and an
+    internationalised one sent in its ASCII (IDNA) form, which every mail system accepts.
+    The local part keeps its case: only the receiving host may read it case-insensitively
+    (add "lower" after "email" to fold it). No DNS look-up (`check_deliverability=False`).
+    """
+    text = (value if type(value) is str else _text(value)).strip()
+    # The library spends ~25 µs an address, most of it on the domain, and contacts share
+    # domains: a plain ASCII local part (RFC 5322 dot-atom, which the library accepts as it
+    # is) with a domain the library has already accepted is put together from that verdict.
+    # Everything else goes to the library whole; tests/test_mapping.py compares the two.
+    local, _, domain = text.rpartition("@")
+    if len(text) <= 200 and len(local) <= 64 and _DOT_ATOM.match(local):
+        ascii_domain = _email_domain(domain)
+        if ascii_domain is not None:
+            return f"{local}@{ascii_domain}"
+    try:
+        address = validate_email(text, check_deliverability=False)
+    except EmailNotValidError as error:
+        raise _Invalid(f"{text!r} is not one e-mail address: {error}") from None
+    return address.ascii_email or address.normalized  # no ASCII form: a Unicode local part
+
+
+_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
+
+
+@lru_cache(maxsize=4096)
+def _email_domain(domain: str) -> str | None:
+    """The ASCII form of `domain` if email-validator accepts it after a plain local part."""
+    try:
+        return str(validate_email(f"a@{domain}", check_deliverability=False).ascii_domain)
+    except EmailNotValidError:
+        return None
+
+
+@lru_cache(maxsize=1024)  # first_name and last_name of one row parse the same text
+def _name_parts(text: str) -> tuple[str | None, str | None]:
+    """First and last name as nameparser reads a full name, either missing as None.
+
+    Titles, middle names and suffixes are dropped ("Dr. Anna Maria Schmidt" → Anna,
+    Schmidt); "Schmidt, Anna" is read last-name-first; particles stay with the last name
+    ("van Beethoven"). A single word is a first name only: the last name is missing.
+    """
+    # nameparser spends ~100 µs a name. Two plain words that none of its word lists
+    # (titles, suffixes, particles, conjunctions) or its roman numerals claim are first and
+    # last name, as it would say; tests/test_mapping.py compares the two.
+    words = text.split()
+    if len(words) == 2 and not any(_special_name_word(word) for word in words):
+        return words[0], words[1]
+    name = HumanName(text)
+    return name.first or None, name.last or None
+
+
+@lru_cache(maxsize=1)
+def _name_words() -> frozenset[str]:
+    """Every word nameparser treats specially, lowercased (its lists differ between versions)."""
+    from nameparser.config import CONSTANTS
+
+    lists = ("titles", "first_name_titles", "suffix_acronyms", "suffix_not_acronyms", "suffix_acronyms_ambiguous",
+             "prefixes", "non_first_name_prefixes", "conjunctions", "bound_first_names")  # fmt: skip
+    return frozenset(word.lower() for name in lists for word in getattr(CONSTANTS, name, ()))
+
+
+def _special_name_word(word: str) -> bool:
+    """Whether nameparser might read `word` as more than a plain name: anything but ASCII
+    letters, initials, roman numerals ("II", "Vi") and the words of its lists."""
+    return (
+        len(word) < 2
+        or not (word.isascii() and word.isalpha())
+        or _ROMAN.match(word) is not None
+        or word.lower() in _name_words()
+    )
+
+
+_ROMAN = re.compile(r"(?i)[ivxlcdm]+\Z")  # wider than nameparser's numerals: these go to it
+
+
+def _first_name(value: Any) -> str | None:
+    return _name_parts(value if type(value) is str else _text(value))[0]
+
+
+def _last_name(value: Any) -> str | None:
+    return _name_parts(value if type(value) is str else _text(value))[1]
+
+
+# --- e164 fast path ------------------------------------------------------------------------
 
 
 # phonenumbers.parse + is_valid_number cost 25-50 µs a number, most of it re-running a
@@ -477,11 +745,14 @@ _NUMBER_TYPES = (
     "mobile", "fixed_line", "premium_rate", "toll_free", "shared_cost", "voip",
     "personal_number", "pager", "uan", "voicemail",
 )  # fmt: skip
-_validators: dict[str, Callable[[str], bool] | None] = {}  # calling code → proven-valid test
+# calling code → a proven-valid (or proven-mobile) test, or None to ask the library
+_validators: dict[str, Callable[[str], bool] | None] = {}
+_mobile_validators: dict[str, Callable[[str], bool] | None] = {}
 
 
-def _fast_e164(text: str) -> str | None:
-    """`text` in E.164 if it is a "+digits" number proven valid, else None (ask the library)."""
+def _fast_e164(text: str, mobile_only: bool = False) -> str | None:
+    """`text` in E.164 if it is a "+digits" number proven valid (and, with `mobile_only`,
+    proven mobile), else None (ask the library)."""
     if text[:1] != "+":
         return None
     digits = text[1:]
@@ -497,19 +768,21 @@ def _fast_e164(text: str) -> str | None:
             break
     else:
         return None
+    validators = _mobile_validators if mobile_only else _validators
     try:
-        valid = _validators[code]
+        valid = validators[code]
     except KeyError:
-        valid = _validators[code] = _validator(code)
+        valid = validators[code] = _validator(code, mobile_only)
     national = digits[size:]
     if valid is None or not 2 <= len(national) <= 17 or not valid(national):
         return None
     return "+" + digits
 
 
-def _validator(code: str) -> Callable[[str], bool] | None:
-    """A test replaying `is_valid_number` for national numbers under `code`, or None to
-    leave the calling code to the library (odd metadata we do not replay)."""
+def _validator(code: str, mobile_only: bool = False) -> Callable[[str], bool] | None:
+    """A test replaying `is_valid_number` (and with `mobile_only`, `number_type` in
+    `_MOBILE`) for national numbers under `code`, or None to leave the calling code to
+    the library (odd metadata we do not replay)."""
     calling_code = int(code)
     regions = phonenumbers.COUNTRY_CODE_TO_REGION_CODE[calling_code]
     main = PhoneMetadata.metadata_for_region_or_calling_code(
@@ -523,7 +796,7 @@ def _validator(code: str) -> Callable[[str], bool] | None:
             metadata = PhoneMetadata.metadata_for_region_or_calling_code(calling_code, regions[0])
             if metadata is None or metadata.country_code != calling_code:
                 return None
-            only = _valid_pattern(metadata)
+            only = _mobile_pattern(metadata) if mobile_only else _valid_pattern(metadata)
             return lambda national: not national_prefix.match(national) and bool(only.match(national))
         choices = []
         for region in regions:  # the first region that claims the number decides
@@ -533,7 +806,8 @@ def _validator(code: str) -> Callable[[str], bool] | None:
             if metadata.country_code != calling_code:
                 return None
             leading = re.compile(metadata.leading_digits) if metadata.leading_digits else None
-            choices.append((leading, _valid_pattern(metadata)))
+            accept = _mobile_pattern(metadata) if mobile_only else None
+            choices.append((leading, _valid_pattern(metadata), accept))
     except re.error:
         return None
     lookup = tuple(choices)
@@ -541,12 +815,15 @@ def _validator(code: str) -> Callable[[str], bool] | None:
     def valid(national: str) -> bool:
         if national_prefix.match(national):
             return False
-        for leading, pattern in lookup:
+        for leading, pattern, accept in lookup:
             if leading is not None:
-                if leading.match(national):
-                    return bool(pattern.match(national))
-            elif pattern.match(national):
-                return True
+                if not leading.match(national):
+                    continue
+                if not pattern.match(national):
+                    return False  # the region its leading digits name says "invalid"
+            elif not pattern.match(national):
+                continue
+            return accept is None or bool(accept.match(national))
         return False
 
     return valid
@@ -561,6 +838,23 @@ def _valid_pattern(metadata: Any) -> re.Pattern[str]:
     if general is None or not types:
         return re.compile("(?!)")
     return re.compile(f"(?={general})(?:{'|'.join(types)})")
+
+
+def _mobile_pattern(metadata: Any) -> re.Pattern[str]:
+    """One regex for "`_number_type_helper` says MOBILE or FIXED_LINE_OR_MOBILE": the general
+    description, none of the types it tries first, then the mobile description (or the
+    fixed-line one, where the plan says the two are the same)."""
+    general = _desc_pattern(metadata.general_desc)
+    first = [
+        pattern
+        for name in _NUMBER_TYPES
+        if name not in ("mobile", "fixed_line") and (pattern := _desc_pattern(getattr(metadata, name)))
+    ]
+    mobile = _desc_pattern(metadata.fixed_line if metadata.same_mobile_and_fixed_line_pattern else metadata.mobile)
+    if general is None or mobile is None:
+        return re.compile("(?!)")
+    excluded = f"(?!{'|'.join(first)})" if first else ""
+    return re.compile(f"(?={general}){excluded}(?:{mobile})")
 
 
 def _desc_pattern(desc: Any) -> str | None:

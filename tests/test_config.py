@@ -148,6 +148,69 @@ def test_field_with_two_origins(write, capfd) -> None:
     assert_refused(capfd, path, "syncs[0] (contacts).fields.firstname", "exactly one of column, value or template")
 
 
+def phone(options: str) -> Callable[[str], str]:
+    """An edit giving the msisdn field `options` besides its column and e164 transform."""
+    return lambda text: text.replace('transform = "e164", required = true', f'transform = "e164", {options}')
+
+
+def test_region_from_a_country_column_is_read_by_the_sync(write) -> None:
+    config = load_config(write(phone('region = "{primary_address_country}", default_region = "de", mobile_only = true')))
+    sync = config.sync("contacts")
+    assert sync.columns == ("id", "updated_at", "phone", "primary_address_country", "first_name")
+    assert sync.fields["msisdn"].default_region == "DE"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ('region = "{country"', "'{country' is neither a region code nor one {column}"),
+        ('region = "country}"', "'country}' is neither a region code nor one {column}"),
+        ('region = "{a} or {b}"', "is neither a region code nor one {column}"),
+        ('region = "Germany"', "'Germany' is not a region code"),
+        ('region = "{country}", default_region = "XX"', "default_region: 'XX' is not a region code"),
+    ],
+)
+def test_bad_regions_name_their_key(write, capfd, options: str, message: str) -> None:
+    assert_refused(capfd, write(phone(options)), "syncs[0] (contacts).fields.msisdn.", message)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ('region = "GB", default_region = "DE"', 'default_region needs a per-row region (region = "{country_column}")'),
+        ('region = "GB", mobile_only = false', ""),
+    ],
+)
+def test_phone_options_that_do_not_fit(write, capfd, options: str, message: str) -> None:
+    if not message:
+        load_config(write(phone(options)))
+        return
+    assert_refused(capfd, write(phone(options)), "syncs[0] (contacts).fields.msisdn: ", message)
+
+
+def test_phone_options_on_a_field_without_e164(write, capfd) -> None:
+    path = write(lambda t: t.replace('firstname = "first_name"', 'firstname = { column = "first_name", region = "GB" }'))
+    assert_refused(capfd, path, "syncs[0] (contacts).fields.firstname: ", "region only shape the e164 transform")
+
+
+def test_a_default_its_transforms_refuse_names_the_key(write, capfd) -> None:
+    path = write(phone('region = "{country}", default = "not a phone"'))
+    assert_refused(capfd, path, "syncs[0] (contacts).fields.msisdn.default: 'not a phone' is not a valid phone number")
+
+
+def test_email_and_name_transforms_load(write) -> None:
+    def fields(text: str) -> str:
+        return text.replace(
+            'firstname = "first_name"',
+            'firstname = { column = "name", transform = "first_name" }\n'
+            'lastname = { column = "name", transform = "last_name" }\n'
+            'emailid = { column = "email", transform = "email" }',
+        )
+
+    sync = load_config(write(fields)).sync("contacts")
+    assert sync.columns == ("id", "updated_at", "phone", "name", "email")
+
+
 def test_unknown_source(write, capfd) -> None:
     err = assert_refused(capfd, write(lambda t: t.replace('source = "crm"', 'source = "crn"')), "'crn'", "not defined")
     assert "contacts" in err and "sources: crm" in err
