@@ -136,7 +136,9 @@ def probe_api(config: Config) -> Iterator[CheckLine]:
     except ConfigurationError as error:
         yield CheckLine("error", subject, f"{where} is not the Add-contacts endpoint: {_answer(error)}")
     except RejectedError as error:  # the empty batch is refused as invalid, after the key was accepted
-        yield CheckLine("ok", subject, f"{where} reachable, key accepted (empty probe refused as {_answer(error)})")
+        yield CheckLine(
+            "ok", subject, f"{where} reachable, key accepted (empty probe: HTTP {error.http_status}, code {error.api_code})"
+        )
     except ThrottledError as error:
         yield CheckLine("warning", subject, f"{where} reachable but throttling (key not verified): {_answer(error)}")
     except ApiError as error:  # retryable: network errors, timeouts, 5xx, 1010

@@ -151,7 +151,8 @@ def inspect(config: Config, sync: SyncConfig, key: str) -> dict[str, Any]:
             "any": acknowledged is not None,
             "matches_current": None if acknowledged is None or digest is None else acknowledged == digest,
         }
-        letters = list(state.dead_letters(sync.name, include_resolved=True, ids=state.dead_letter_ids(sync.name, key))) if state else []
+        ids = state.dead_letter_ids(sync.name, key) if state else []
+        letters = list(state.dead_letters(sync.name, include_resolved=True, ids=ids)) if ids else []
     except SourceError as error:
         raise ExplainError(str(error)) from None
     finally:
@@ -238,8 +239,11 @@ def render_story(story: dict[str, Any]) -> str:
     elif ack["matches_current"] is None:
         lines.append("  acknowledged: yes, a record that cannot be compared with the row now")
     else:
-        same = "the same as the record now" if ack["matches_current"] else "a different record (this one is pending)"
-        lines.append(f"  acknowledged: yes, {same}")
+        if ack["matches_current"]:
+            lines.append("  acknowledged: yes, the same record as now (nothing to send)")
+        else:
+            lines.append("  acknowledged: yes, a different record: the row changed since; the next cycle")
+            lines.append("                sends it if its watermark moved, reconcile if not")
     lines.append(f"  sync watermark: {story['sync_watermark'] or 'none yet'}")
     if not story["dead_letters"]:
         lines.append("  dead letters: none")
