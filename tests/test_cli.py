@@ -342,3 +342,54 @@ def test_a_missing_password_or_token_file_is_one_line_naming_the_key(sqlite_url,
     config.write_text(config.read_text().replace(f'password_file = "{missing}"\n', "").replace(str(tmp_path / "api-token"), str(no_token)))
     result = syncd("once", "-c", str(config))
     assert (result.returncode, result.stderr) == (1, f"syncd: api.token_file: {no_token}: No such file or directory\n")
+
+
+# ---------------------------------------------------------------------------- progress in a terminal
+
+
+def run_in_terminal(args: list[str], columns: int) -> str:
+    """Run syncd with stdout and stderr on a pseudo-terminal `columns` wide; what the terminal got."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "syncd.cli", *args], stdin=slave, stdout=slave, stderr=slave, close_fds=True
+    )
+    os.close(slave)
+    output = bytearray()
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(master)
+    assert process.wait(120) == 0, output.decode(errors="replace")
+    return output.decode()
+
+
+def test_progress_bar_fits_the_terminal_and_log_lines_print_above_it(sqlite_url, api, state_url, tmp_path):  # noqa: F811
+    import re
+
+    crm = Crm(sqlite_url)
+    crm.insert([contact(i) for i in range(1, 3001)])
+    config = write_config(tmp_path / "syncd.toml", source_url=sqlite_url, api_url=api.url, state_url=state_url, batch=100)
+    config.write_text(config.read_text().replace('level = "warning"', 'level = "info"'))
+
+    screen = run_in_terminal(["once", "-c", str(config)], columns=60)
+    pieces = [piece.strip() for piece in re.split(r"[\r\n]|\x1b\[[0-9;?]*[A-Za-z]", screen) if piece.strip()]
+    bars = [piece for piece in pieces if "rows" in piece and not piece.startswith("{") and ":" in piece]
+    assert any(piece.startswith("contacts:") and "3.00k/3.00k" in piece for piece in bars), pieces
+    assert all(len(piece) <= 60 for piece in bars), [piece for piece in bars if len(piece) > 60]
+    logs = [piece for piece in pieces if '"event"' in piece]
+    assert any(json.loads(line)["event"] == "cycle" for line in logs)  # a log line written while the bar showed
+    for line in logs:
+        json.loads(line)  # whole: no bar drawn into it
+    assert "contacts: ok: read 3000, sent 3000" in screen
+    crm.dispose()
