@@ -8,6 +8,7 @@ fixed since, and sending a stale version would undo that.
 
 from __future__ import annotations
 
+import textwrap
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,15 +42,18 @@ def listing(
 
 
 def render(letters: list[dict[str, Any]]) -> str:
+    """Per dead letter: id, sync, key, status and attempts; then the reason, wrapped at 80 columns."""
     if not letters:
         return "no dead letters\n"
     lines = []
     for letter in letters:
-        status = letter["resolution"] or "open"
+        status = f"{letter['resolution']} {str(letter['resolved_at'])[:19]}" if letter["resolution"] else "open"
         lines.append(
             f"#{letter['id']}  {letter['sync']}  key={letter['key']}  {status}  attempts={letter['attempts']}  "
-            f"last={str(letter['last_seen'])[:19]}  {letter['reason']}"
+            f"last={str(letter['last_seen'])[:19]}"
         )
+        code = f" (HTTP {letter['http_status']}, code {letter['api_code']})" if letter["http_status"] else ""
+        lines += textwrap.wrap(f"{letter['reason']}{code}", 80, initial_indent="    ", subsequent_indent="    ")
     return "\n".join(lines) + "\n"
 
 

@@ -393,3 +393,30 @@ def test_progress_bar_fits_the_terminal_and_log_lines_print_above_it(sqlite_url,
         json.loads(line)  # whole: no bar drawn into it
     assert "contacts: ok: read 3000, sent 3000" in screen
     crm.dispose()
+
+
+def test_readme_recipe_runs_as_written(tmp_path):
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index('answering "why did this contact not arrive?"') :]
+    start = section.index("```sh\n") + len("```sh\n")
+    recipe = section[start : section.index("```\n", start)]
+    shim = tmp_path / "bin" / "syncd"
+    shim.parent.mkdir()
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m syncd.cli "$@"\n')
+    shim.chmod(0o755)
+    assert recipe.startswith("syncd demo")
+    result = subprocess.run(
+        ["bash", "-e", "-c", recipe],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "PATH": f"{shim.parent}:{os.environ['PATH']}"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "unchanged since their last ACK (not sent): 2" in result.stdout
+    assert "dead letter #1: delivered at" in result.stdout
+    assert result.stdout.rstrip().endswith("exit 0")
+    assert "Traceback" not in result.stderr
