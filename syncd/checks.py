@@ -62,7 +62,13 @@ def run_checks(config: Config, path: Path) -> Iterator[CheckLine]:
 
 
 def _check_state(config: Config) -> Iterator[CheckLine]:
+    from syncd.status import state_path
+
     url = sa.make_url(config.state.url).render_as_string(hide_password=True)
+    path = state_path(config)
+    if path is not None and not path.is_file():  # checking must not create it
+        yield CheckLine("warning", "state", f"no state database at {path} yet; `syncd migrate`, `run` or `once` create it")
+        return
     try:
         state = StateStore(config.state.url)
     except ValueError as error:
@@ -136,9 +142,8 @@ def probe_api(config: Config) -> Iterator[CheckLine]:
     except ConfigurationError as error:
         yield CheckLine("error", subject, f"{where} is not the Add-contacts endpoint: {_answer(error)}")
     except RejectedError as error:  # the empty batch is refused as invalid, after the key was accepted
-        yield CheckLine(
-            "ok", subject, f"{where} reachable, key accepted (empty probe: HTTP {error.http_status}, code {error.api_code})"
-        )
+        answer = f"HTTP {error.http_status}, code {error.api_code}"
+        yield CheckLine("ok", subject, f"{where} reachable, key accepted (empty probe: {answer})")
     except ThrottledError as error:
         yield CheckLine("warning", subject, f"{where} reachable but throttling (key not verified): {_answer(error)}")
     except ApiError as error:  # retryable: network errors, timeouts, 5xx, 1010
@@ -147,7 +152,8 @@ def probe_api(config: Config) -> Iterator[CheckLine]:
         else:
             yield CheckLine("warning", subject, f"{where} reachable but failing (key not verified): {_answer(error)}")
     else:
-        yield CheckLine("ok", subject, f"{where} reachable, key accepted (empty probe acknowledged, trans_id {ack.trans_id})")
+        answer = f"acknowledged, trans_id {ack.trans_id}"
+        yield CheckLine("ok", subject, f"{where} reachable, key accepted (empty probe {answer})")
     finally:
         client.close()
 

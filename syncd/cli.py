@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="syncd", description="Keep a Webex Campaign datastore in step with a CRM.")
-    parser.add_argument("--version", action="version", version=f"syncd {_version()}")
+    parser.add_argument("--version", action=_PrintVersion)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     def command(
@@ -88,7 +88,9 @@ def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     reconcile.add_argument("--sync", action="append", metavar="NAME", help="only this sync (repeatable)")
     dead = command("dead-letters", _dead_letters, "inspect and act on records that could not be delivered")
     dead.add_argument("action", choices=("list", "retry", "discard"))
-    dead.add_argument("ids", nargs="*", type=int, metavar="ID", help="dead letter ids (list, retry: default all open ones)")
+    dead.add_argument(
+        "ids", nargs="*", type=int, metavar="ID", help="dead letter ids (list, retry: default all open ones)"
+    )
     dead.add_argument("--sync", metavar="NAME", help="only this sync's dead letters")
     dead.add_argument("--json", action="store_true", help="machine-readable output (list)")
     dead.add_argument(
@@ -126,7 +128,9 @@ def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     pushes.add_argument("--failed", action="store_true", help="only pushes the API did not acknowledge")
     pushes.add_argument("--limit", type=_positive, default=50, metavar="N", help="at most N (default 50)")
     pushes.add_argument("--json", action="store_true", help="machine-readable output")
-    demo = command("demo", _demo, "zero-setup demo: a CRM in SQLite, the API simulator, a live sync, a summary", config=False)
+    demo = command(
+        "demo", _demo, "zero-setup demo: a CRM in SQLite, the API simulator, a live sync, a summary", config=False
+    )
     demo.add_argument("--rows", type=int, default=200, help="demo contacts (default 200)")
     demo.add_argument(
         "--dir",
@@ -139,6 +143,18 @@ def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
         add_cli_arguments(simulate)
     return parser
+
+
+class _PrintVersion(argparse.Action):
+    """`--version`, reading the installed metadata only when asked (it costs every command otherwise)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.update(dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, help="print the version and exit")
+        super().__init__(option_strings, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(f"syncd {_version()}")
+        parser.exit()
 
 
 def _version() -> str:
@@ -176,7 +192,7 @@ def _since(text: str) -> datetime:
     try:
         return datetime.now(UTC) - TypeAdapter(Duration).validate_python(text)
     except ValidationError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither an ISO 8601 time nor a duration like 1h or 30m") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an ISO 8601 time nor a duration (1h, 30m)") from None
 
 
 # ---------------------------------------------------------------------------- helpers

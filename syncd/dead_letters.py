@@ -70,7 +70,8 @@ class DiscardOutcome:
             lines = [f"discarded {len(self.discarded)} dead letter(s)"]
             lines += [f"  #{d['id']}  {d['sync']}  key={d['key']}  {d['reason']}" for d in self.discarded]
         if self.not_open:
-            lines.append("not open (unknown, resolved, or of another sync): " + ", ".join(f"#{i}" for i in self.not_open))
+            ids = ", ".join(f"#{i}" for i in self.not_open)
+            lines.append(f"not open (unknown, resolved, or of another sync): {ids}")
         return "\n".join(lines) + "\n"
 
 

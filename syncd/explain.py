@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from syncd.config import Config, SyncConfig
-from syncd.mapping import compile_mapping, map_rows
+from syncd.mapping import MappedRows, compile_mapping, map_rows
 from syncd.source import Source, SourceError
 from syncd.state import StateStore, display_value, key_text
 from syncd.status import StateUnavailable, open_existing_state
@@ -100,7 +100,7 @@ def preview(config: Config, sync: SyncConfig, *, limit: int = 20, keys: Sequence
             rows = model.by_keys(keys)
         else:
             rows = model.pending(cursor, limit)
-        mapped = map_rows(rows, compile_mapping(sync.fields, sync.columns), target=_target(sync), source_hash=_no_hash)
+        mapped = _mapped(rows, sync)
         known = state.known_digests(sync.name, mapped.keys) if state else {}
     except SourceError as error:
         raise ExplainError(str(error)) from None
@@ -139,7 +139,7 @@ def inspect(config: Config, sync: SyncConfig, key: str) -> dict[str, Any]:
         story["record"] = story["rejected"] = None
         digest = None
         if row is not None:
-            mapped = map_rows([row], compile_mapping(sync.fields, sync.columns), target=_target(sync), source_hash=_no_hash)
+            mapped = _mapped([row], sync)
             if mapped.rejected:
                 story["rejected"] = mapped.rejected[0][1]
             else:
@@ -177,6 +177,11 @@ def inspect(config: Config, sync: SyncConfig, key: str) -> dict[str, Any]:
     return story
 
 
+def _mapped(rows: Sequence[Sequence[Any]], sync: SyncConfig) -> MappedRows:
+    """Rows mapped, encoded and digested exactly as a cycle does it."""
+    return map_rows(rows, compile_mapping(sync.fields, sync.columns), target=_target(sync), source_hash=_no_hash)
+
+
 def _no_hash(row: Sequence[Any]) -> bytes:
     return b""  # source fingerprints serve reconcile's shortcut; nothing here stores them
 
@@ -205,14 +210,15 @@ def render_preview(result: dict[str, Any]) -> str:
     if not result["state_database"]:
         lines.append("no state database yet: every record counts as new")
     sections = (
-        ("would be sent", result["would_send"], lambda e: f"{e['key']}: {_record_text(e['record'])}"),
-        ("unchanged since their last ACK (not sent)", result["unchanged"], lambda e: f"{e['key']}: {_record_text(e['record'])}"),
-        ("rejected: would be dead letters", result["rejected"], lambda e: f"{e['key']}: {e['reason']}"),
+        ("would be sent", result["would_send"]),
+        ("unchanged since their last ACK (not sent)", result["unchanged"]),
+        ("rejected: would be dead letters", result["rejected"]),
     )
-    for title, entries, text in sections:
+    for title, entries in sections:
         lines.append(f"\n{title}: {len(entries)}")
         for entry in entries:
-            lines += _wrapped(text(entry), "  ")
+            text = entry["reason"] if "reason" in entry else _record_text(entry["record"])
+            lines += _wrapped(f"{entry['key']}: {text}", "  ")
     if result.get("not_in_model"):
         lines.append(f"\nnot in the model: {', '.join(result['not_in_model'])}")
     return "\n".join(lines) + "\n"

@@ -210,3 +210,11 @@ def test_config_only_connects_to_nothing(api, tmp_path, capfd) -> None:
     assert main(["check", "-c", str(config), "--config-only"]) == 0
     assert "ok" in capfd.readouterr().out
     assert len(api.requests()) == before
+
+
+def test_check_creates_no_state_database(api, crm, tmp_path, capfd) -> None:
+    code, lines, _ = check(capfd, config_for(api, tmp_path, crm.url))
+    assert code == 0
+    (warning,) = [line for line in lines_with(lines, "warning") if "state:" in line]
+    assert f"no state database at {tmp_path / 'state.db'} yet" in warning
+    assert not (tmp_path / "state.db").exists()

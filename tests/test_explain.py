@@ -7,7 +7,7 @@ import sqlite3
 
 from syncd.state import StateStore
 
-from .crm import Crm, contact, write_config
+from .crm import contact, write_config
 from .test_cli import syncd
 from .test_pipeline import api, once, state_url  # noqa: F401  (fixtures)
 
@@ -60,8 +60,8 @@ def test_preview_after_a_sync_tells_pending_from_unchanged(crm, api, state_url, 
     assert pending["state_database"] is True and pending["watermark"] is not None
     assert [(e["key"], e["record"]["firstname"]) for e in pending["would_send"]] == [("2", "Changed")]
 
-    keyed = syncd("preview", "-c", str(config), "--sync", "contacts", "--key", "1", "--key", "3", "--key", "99", "--json")
-    by_key = json.loads(keyed.stdout)
+    keys = ("--key", "1", "--key", "3", "--key", "99")
+    by_key = json.loads(syncd("preview", "-c", str(config), "--sync", "contacts", *keys, "--json").stdout)
     assert [e["key"] for e in by_key["unchanged"]] == ["1"]
     assert [e["key"] for e in by_key["would_send"]] == ["3"]
     assert by_key["not_in_model"] == ["99"]
