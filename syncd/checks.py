@@ -1,8 +1,9 @@
 """`syncd check`: everything that can be verified before the first cycle runs.
 
 Config validity is checked by loading it; this module checks what the config points at:
-the state database, the token file, each source, and each sync's table against the
-live schema (columns, unique key, watermark type and nullability, the keyset index).
+the state database, the token file, each source, each sync's table against the live
+schema (columns, unique key, watermark type and nullability, the keyset index), and the
+API itself (`probe_api`: reachable, and does it take the key), without sending a record.
 """
 
 from __future__ import annotations
@@ -10,14 +11,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
-from syncd.config import Config, config_warnings
+from syncd.config import Config, SecretFileError, config_warnings, read_secret_file
 from syncd.source import Source, describe_db_error
 from syncd.state import StateStore, db_error_line
 
-__all__ = ["CheckLine", "run_checks"]
+__all__ = ["CheckLine", "probe_api", "run_checks"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +43,9 @@ def run_checks(config: Config, path: Path) -> Iterator[CheckLine]:
         except sa.exc.DBAPIError as error:
             yield CheckLine("error", f"source {name}", describe_db_error(source, error))
             continue
+        except SecretFileError as error:
+            yield CheckLine("error", f"source {name}", str(error.for_key(f"sources.{name}.password_file")))
+            continue
         except (OSError, ImportError, sa.exc.ArgumentError) as error:
             yield CheckLine("error", f"source {name}", f"{source_config.display_url()}: {error}")
             continue
@@ -57,7 +62,13 @@ def run_checks(config: Config, path: Path) -> Iterator[CheckLine]:
 
 
 def _check_state(config: Config) -> Iterator[CheckLine]:
+    from syncd.status import state_path
+
     url = sa.make_url(config.state.url).render_as_string(hide_password=True)
+    path = state_path(config)
+    if path is not None and not path.is_file():  # checking must not create it
+        yield CheckLine("warning", "state", f"no state database at {path} yet; `syncd migrate`, `run` or `once` create it")
+        return
     try:
         state = StateStore(config.state.url)
     except ValueError as error:
@@ -82,11 +93,70 @@ def _check_token(config: Config) -> Iterator[CheckLine]:
         yield CheckLine("ok", "api", "token set inline in the config (token_file is preferred)")
         return
     try:
-        token = Path(path).read_text().strip()
-    except OSError as error:
-        yield CheckLine("error", "api", f"token_file {path}: {error.strerror}")
+        token = read_secret_file(path, "api.token_file")
+    except SecretFileError as error:
+        yield CheckLine("error", "api", str(error))
         return
     if not token:
-        yield CheckLine("error", "api", f"token_file {path} is empty")
+        yield CheckLine("error", "api", f"api.token_file: {path} is empty")
     else:
         yield CheckLine("ok", "api", f"token_file {path} readable")
+
+
+def probe_api(config: Config) -> Iterator[CheckLine]:
+    """Ask the API whether it is there and takes the key, sending no record.
+
+    The probe is an Add-contacts request with an empty `records` array, for the first
+    sync's datastore and feed. The API checks the key before the body, so its answer
+    tells: 401/430 or 498, the key is refused; 405 or 404, `api.url` is not the endpoint;
+    1001/1002 (the empty batch is invalid input) or an ACK, the API is reachable and the
+    key accepted; no answer, unreachable. An empty batch carries no contact, so even an
+    ACK stores nothing.
+    """
+    from syncd.delivery import (
+        ApiClient,
+        ApiError,
+        AuthError,
+        ConfigurationError,
+        RateLimiter,
+        RejectedError,
+        ThrottledError,
+        TokenSource,
+    )
+
+    subject = "api"
+    first = config.syncs[0] if config.syncs else None
+    datastore_id, feed_id = (first.datastore_id, first.feed_id) if first else ("0", "0")
+    tokens = TokenSource(config.api)
+    try:
+        tokens.get()
+    except AuthError:  # reported by the token check above
+        yield CheckLine("warning", subject, f"{config.api.url} not probed: no API key to probe with")
+        return
+    client = ApiClient(config.api, tokens, RateLimiter(0))
+    where = config.api.url
+    try:
+        ack = client.push(datastore_id, feed_id, [])
+    except AuthError as error:
+        yield CheckLine("error", subject, f"{where} refused the key: {_answer(error)}")
+    except ConfigurationError as error:
+        yield CheckLine("error", subject, f"{where} is not the Add-contacts endpoint: {_answer(error)}")
+    except RejectedError as error:  # the empty batch is refused as invalid, after the key was accepted
+        answer = f"HTTP {error.http_status}, code {error.api_code}"
+        yield CheckLine("ok", subject, f"{where} reachable, key accepted (empty probe: {answer})")
+    except ThrottledError as error:
+        yield CheckLine("warning", subject, f"{where} reachable but throttling (key not verified): {_answer(error)}")
+    except ApiError as error:  # retryable: network errors, timeouts, 5xx, 1010
+        if error.http_status is None:
+            yield CheckLine("error", subject, f"{where} unreachable: {error.description}")
+        else:
+            yield CheckLine("warning", subject, f"{where} reachable but failing (key not verified): {_answer(error)}")
+    else:
+        answer = f"acknowledged, trans_id {ack.trans_id}"
+        yield CheckLine("ok", subject, f"{where} reachable, key accepted (empty probe {answer})")
+    finally:
+        client.close()
+
+
+def _answer(error: Any) -> str:
+    return f"HTTP {error.http_status}, code {error.api_code}: {error.description}"

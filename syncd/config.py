@@ -37,9 +37,11 @@ __all__ = [
     "ApiConfig",
     "Config",
     "ConfigError",
+    "SecretFileError",
     "SourceConfig",
     "SyncConfig",
     "load_config",
+    "read_secret_file",
 ]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
@@ -48,6 +50,32 @@ _NAME = r"^[a-z0-9_-]+$"
 
 class ConfigError(Exception):
     """A config that cannot be used; the message is meant for the operator as-is."""
+
+
+class SecretFileError(Exception):
+    """A token_file or password_file that cannot be read now.
+
+    A run-time failure (exit 1), not a config error: the config is valid, and the file
+    usually exists where the service runs (systemd's /run/credentials) but not here.
+    """
+
+    def __init__(self, key: str, path: os.PathLike[str] | str, reason: str) -> None:
+        super().__init__(f"{key}: {path}: {reason}")
+        self.key, self.path, self.reason = key, path, reason
+
+    def for_key(self, key: str) -> SecretFileError:
+        """The same failure named by the full config key (`sources.crm.password_file`)."""
+        return SecretFileError(key, self.path, self.reason)
+
+
+def read_secret_file(path: os.PathLike[str] | str, key: str) -> str:
+    """The secret in `path`, stripped; a failure names the config key and the path, never the content."""
+    try:
+        return Path(path).read_text().strip()
+    except OSError as error:
+        raise SecretFileError(key, path, error.strerror or type(error).__name__) from None
+    except UnicodeDecodeError:
+        raise SecretFileError(key, path, "not UTF-8 text") from None
 
 
 def _parse_duration(value: Any) -> Any:
@@ -146,11 +174,15 @@ class SourceConfig(_Strict):
             raise ValueError("is not a SQLAlchemy URL (e.g. postgresql+psycopg://user@host/db)") from None
         return value
 
-    def engine_url(self) -> sa.URL:
-        """The URL with the password from `password_file` filled in, read now."""
+    def engine_url(self, key: str = "password_file") -> sa.URL:
+        """The URL with the password from `password_file` filled in, read now.
+
+        `key` names the file in errors; callers that know the source's name pass
+        `sources.NAME.password_file`.
+        """
         url = sa.make_url(self.url.get_secret_value())
         if self.password_file is not None:
-            url = url.set(password=self.password_file.read_text().strip())
+            url = url.set(password=read_secret_file(self.password_file, key))
         return url
 
     def display_url(self) -> str:

@@ -8,6 +8,7 @@ fixed since, and sending a stale version would undo that.
 
 from __future__ import annotations
 
+import textwrap
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from syncd.runtime import Runtime
 from syncd.state import display_value
 
-__all__ = ["RetryOutcome", "discard", "listing", "render", "retry"]
+__all__ = ["DiscardOutcome", "RetryOutcome", "discard", "listing", "render", "retry"]
 
 
 def listing(
@@ -41,22 +42,51 @@ def listing(
 
 
 def render(letters: list[dict[str, Any]]) -> str:
+    """Per dead letter: id, sync, key, status and attempts; then the reason, wrapped at 80 columns."""
     if not letters:
         return "no dead letters\n"
     lines = []
     for letter in letters:
-        status = letter["resolution"] or "open"
+        status = f"{letter['resolution']} {str(letter['resolved_at'])[:19]}" if letter["resolution"] else "open"
         lines.append(
             f"#{letter['id']}  {letter['sync']}  key={letter['key']}  {status}  attempts={letter['attempts']}  "
-            f"last={str(letter['last_seen'])[:19]}  {letter['reason']}"
+            f"last={str(letter['last_seen'])[:19]}"
         )
+        code = f" (HTTP {letter['http_status']}, code {letter['api_code']})" if letter["http_status"] else ""
+        lines += textwrap.wrap(f"{letter['reason']}{code}", 80, initial_indent="    ", subsequent_indent="    ")
     return "\n".join(lines) + "\n"
 
 
-def discard(runtime: Runtime, sync: str | None, ids: list[int]) -> int:
-    if not ids:
-        ids = [letter.id for letter in runtime.state.dead_letters(sync) if letter.id is not None]
-    return runtime.state.discard_dead_letters(ids) if ids else 0
+@dataclass
+class DiscardOutcome:
+    discarded: list[dict[str, Any]] = field(default_factory=list)  # as `listing` shows them
+    not_open: list[int] = field(default_factory=list)  # asked for, but unknown or already resolved
+    everything: bool = False
+
+    def summary(self) -> str:
+        if self.everything:
+            lines = [f"discarded {len(self.discarded)} open dead letter(s) (--all)"]
+        else:
+            lines = [f"discarded {len(self.discarded)} dead letter(s)"]
+            lines += [f"  #{d['id']}  {d['sync']}  key={d['key']}  {d['reason']}" for d in self.discarded]
+        if self.not_open:
+            ids = ", ".join(f"#{i}" for i in self.not_open)
+            lines.append(f"not open (unknown, resolved, or of another sync): {ids}")
+        return "\n".join(lines) + "\n"
+
+
+def discard(runtime: Runtime, sync: str | None, ids: list[int]) -> DiscardOutcome:
+    """Discard the open dead letters `ids` (of `sync`), or every open one when `ids` is empty.
+
+    The CLI asks for `--all` before it passes no ids: discarding hides a record for good.
+    """
+    letters = listing(runtime, sync, ids=ids)
+    discarded_ids = [letter["id"] for letter in letters]
+    if discarded_ids:
+        runtime.state.discard_dead_letters(discarded_ids)
+    outcome = DiscardOutcome(discarded=letters, everything=not ids)
+    outcome.not_open = sorted(set(ids) - set(discarded_ids))
+    return outcome
 
 
 @dataclass

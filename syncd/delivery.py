@@ -22,14 +22,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import structlog
 
-from syncd.config import ApiConfig
+from syncd.config import ApiConfig, SecretFileError, read_secret_file
 from syncd.state import PushRecord, utcnow
 
 __all__ = [
@@ -213,9 +212,9 @@ class TokenSource:
         else:
             assert self._file is not None
             try:
-                token = Path(self._file).read_text().strip()
-            except OSError as error:
-                raise AuthError(f"cannot read api.token_file {self._file}: {error.strerror}") from None
+                token = read_secret_file(self._file, "api.token_file")
+            except SecretFileError as error:  # an AuthError: the sync waits for a readable key
+                raise AuthError(str(error)) from None
             if not token:
                 raise AuthError(f"api.token_file {self._file} is empty")
         if self._on_secret:

@@ -8,6 +8,10 @@ prints what was sent, skipped as unchanged, dead-lettered and acknowledged.
 The files stay in the demo directory (`./syncd-demo` unless `--dir`), so `syncd status`,
 `syncd dead-letters list` and `syncd once` can be tried on them afterwards, together
 with `config.example.toml`, which points at the same files.
+
+The demo never deletes a directory, and never a file it did not write: it uses a new or
+empty directory, or one an earlier demo left (marked by `.syncd-demo`), where it removes
+only its own files before starting again. Anything else is refused.
 """
 
 from __future__ import annotations
@@ -28,18 +32,26 @@ from syncd.logs import configure_logging
 from syncd.runtime import Runtime
 from syncd.simulator import SimulatorConfig, start_in_thread
 
-__all__ = ["run_demo"]
+__all__ = ["DemoDirectoryError", "run_demo"]
+
+MARKER = ".syncd-demo"
+# Everything the demo writes, SQLite's companions included: all it ever removes.
+DEMO_FILES = tuple(
+    f"{name}{suffix}" for name in ("crm.db", "state.db") for suffix in ("", "-wal", "-shm", "-journal")
+) + ("api-token", "syncd.toml", MARKER)
 
 DEMO_TOKEN = "demo-token"
 FIRST_NAMES = ("Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Margaret", "Ken", "Frances", "Dennis")
 LAST_NAMES = ("Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Hamilton", "Thompson", "Allen", "Ritchie")
 
 
+class DemoDirectoryError(Exception):
+    """The directory given to the demo holds files the demo did not write."""
+
+
 def run_demo(rows: int = 200, directory: Path | None = None) -> int:
     directory = Path(directory or "syncd-demo").resolve()
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
+    _prepare(directory)
     configure_logging("warning", "console")
 
     crm_url = f"sqlite:///{directory / 'crm.db'}"
@@ -132,6 +144,21 @@ def run_demo(rows: int = 200, directory: Path | None = None) -> int:
         out(f"     {command} dead-letters list -c {config_path} --all")
     ok = status.records_sent >= rows and len(stored) == rows
     return 0 if ok else 1
+
+
+def _prepare(directory: Path) -> None:
+    """Make `directory` ready for a fresh demo, deleting nothing the demo did not write."""
+    if directory.exists() and not directory.is_dir():
+        raise DemoDirectoryError(f"{directory} is not a directory")
+    if directory.is_dir() and not (directory / MARKER).is_file() and any(directory.iterdir()):
+        raise DemoDirectoryError(
+            f"{directory} is not empty and was not made by `syncd demo` (no {MARKER} in it); "
+            "give a new or empty directory"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in DEMO_FILES:
+        (directory / name).unlink(missing_ok=True)
+    (directory / MARKER).write_text("Written by `syncd demo`, which may remove the files it wrote here.\n")
 
 
 def _describe(out, report: CycleReport) -> None:  # type: ignore[no-untyped-def]

@@ -437,6 +437,7 @@ def _invalid_body(payload: Any) -> str | None:
     if "datastore-id" in payload and not isinstance(payload["datastore-id"], str):
         return "datastore-id must be a string"
     records = payload.get("records")
+    # An empty array is refused as 1001 after the key was checked: `syncd check` probes with one.
     if not isinstance(records, list) or not records:
         return "records must be a non-empty array"
     # Fast path over all records at C speed; the loop below only runs to name the culprit.

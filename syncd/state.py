@@ -545,10 +545,17 @@ class StateStore:
             for row in rows
         ]
 
-    def pushes(self, sync: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    def pushes(
+        self, sync: str | None = None, limit: int = 100, *, since: datetime | None = None, failed: bool = False
+    ) -> list[dict[str, Any]]:
+        """Push records, newest first; `failed` keeps those whose outcome is not an ACK."""
         query = sa.select(pushes_table).order_by(pushes_table.c.id.desc()).limit(limit)
         if sync is not None:
             query = query.where(pushes_table.c.sync == sync)
+        if since is not None:
+            query = query.where(pushes_table.c.sent_at >= since)
+        if failed:
+            query = query.where(pushes_table.c.outcome != "ack")
         with self.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
 
@@ -616,6 +623,27 @@ class StateStore:
             owner=row.owner,
             lease_until=_aware(row.lease_until),
         )
+
+    # -- read-only views for operators (status, pushes, preview, inspect)
+
+    def schema_revision(self) -> str | None:
+        """The schema's Alembic revision, None before the first migration; reads only."""
+        return self._revision()
+
+    def acknowledged(self, sync: str, key: str) -> bytes | None:
+        """The digest of the payload last acknowledged for one key, if any."""
+        return self.known_digests(sync, [key]).get(key)
+
+    def dead_letter_ids(self, sync: str, key: str) -> list[int]:
+        """Every dead letter of one key, open or resolved, oldest first (through ix_dead_letters_sync_key)."""
+        with self.engine.connect() as conn:
+            return list(
+                conn.scalars(
+                    sa.select(dead_letters_table.c.id)
+                    .where(dead_letters_table.c.sync == sync, dead_letters_table.c.key == key)
+                    .order_by(dead_letters_table.c.id)
+                )
+            )
 
 
 def _dead_local_owner(owner: str) -> bool:

@@ -1,0 +1,261 @@
+"""`syncd preview` and `syncd inspect`: what a sync would send, and one contact's story.
+
+Both only read. The model's rows come through the sync's reader, mapped as a cycle maps
+them; the state database is opened as `status` opens it: never created, migrated or
+leased. Without a state database (nothing has run yet) every mapped record counts as
+one that would be sent.
+
+What the state keeps per key is the digest of the payload last acknowledged, not when
+or in which push: a push record covers a batch and names no key. So `inspect` says
+whether the current record equals what was acknowledged, and gives a time only where a
+dead letter of the key was resolved by a delivery.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import textwrap
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from syncd.config import Config, SyncConfig
+from syncd.mapping import MappedRows, compile_mapping, map_rows
+from syncd.source import Source, SourceError
+from syncd.state import StateStore, display_value, key_text
+from syncd.status import StateUnavailable, open_existing_state
+
+__all__ = ["ExplainError", "inspect", "preview", "render_preview", "render_story"]
+
+
+class ExplainError(Exception):
+    """The model or the state cannot be read; the message says which and why."""
+
+
+class _Model:
+    """The sync's model, read through the reader's public methods only.
+
+    Every call into the reader is here, so a change in how models are read (tables,
+    views, queries, filters) is met in this one class.
+    """
+
+    def __init__(self, config: Config, sync: SyncConfig) -> None:
+        self.source = Source(sync.source, config.sources[sync.source])
+        self.reader = self.source.reader(sync)
+        self.columns = sync.columns
+
+    def pending(self, cursor: Any, limit: int) -> list[Sequence[Any]]:
+        """The first `limit` rows the next cycle would read (after `cursor`, below the bound)."""
+        rows: list[Sequence[Any]] = []
+        batches = self.reader.changed_rows(cursor, limit)
+        try:
+            for batch in batches:
+                rows.extend(batch[: limit - len(rows)])
+                if len(rows) >= limit:
+                    break
+        finally:
+            batches.close()
+        return rows
+
+    def by_keys(self, keys: Sequence[str]) -> list[Sequence[Any]]:
+        try:
+            return [row for batch in self.reader.rows_by_keys(list(keys)) for row in batch]
+        except (TypeError, ValueError) as error:  # a key that cannot be the key column's type
+            raise ExplainError(f"key {', '.join(keys)}: not a value of the key column: {error}") from None
+
+    def as_dict(self, row: Sequence[Any]) -> dict[str, Any]:
+        return {name: display_value(value) for name, value in zip(self.columns, row, strict=False)}
+
+    def close(self) -> None:
+        self.source.dispose()
+
+
+def _target(sync: SyncConfig) -> bytes:
+    # The digest key of SyncRunner (cycle.py): the same payload bound for another datastore or feed differs.
+    return hashlib.blake2b(f"{sync.datastore_id}\0{sync.feed_id}".encode(), digest_size=32).digest()
+
+
+def _state(config: Config) -> StateStore | None:
+    """The state database, or None when nothing has run yet; never created."""
+    try:
+        return open_existing_state(config)
+    except StateUnavailable as error:
+        if error.missing:
+            return None
+        raise ExplainError(str(error)) from None
+
+
+def preview(config: Config, sync: SyncConfig, *, limit: int = 20, keys: Sequence[str] | None = None) -> dict[str, Any]:
+    """Read and map rows: the records that would be sent, those unchanged since their ACK, the rejected ones.
+
+    Without `keys`, the rows are those the next cycle would read, first `limit` of them;
+    with `keys`, those rows wherever the watermark stands.
+    """
+    state = _state(config)
+    model = _Model(config, sync)
+    try:
+        cursor = state.cursor(sync.name) if state else None
+        if keys:
+            rows = model.by_keys(keys)
+        else:
+            rows = model.pending(cursor, limit)
+        mapped = _mapped(rows, sync)
+        known = state.known_digests(sync.name, mapped.keys) if state else {}
+    except SourceError as error:
+        raise ExplainError(str(error)) from None
+    finally:
+        model.close()
+        if state:
+            state.close()
+    result: dict[str, Any] = {
+        "sync": sync.name,
+        "read": "keys" if keys else "pending",
+        "watermark": display_value(cursor.watermark) if cursor else None,
+        "state_database": state is not None,
+        "rows": len(rows),
+        "would_send": [],
+        "unchanged": [],
+        "rejected": [{"key": key, "reason": reason, "row": _jsonable(row)} for key, reason, row in mapped.rejected],
+    }
+    for key, encoded, digest in zip(mapped.keys, mapped.encoded, mapped.digests, strict=True):
+        entry = {"key": key, "record": orjson.loads(encoded)}
+        result["unchanged" if known.get(key) == digest else "would_send"].append(entry)
+    if keys:
+        found = {key_text(row[0]) for row in rows}
+        result["not_in_model"] = [key for key in keys if key not in found]
+    return result
+
+
+def inspect(config: Config, sync: SyncConfig, key: str) -> dict[str, Any]:
+    """One contact's story: its row now, its record or why it is refused, its last ACK, its dead letters."""
+    state = _state(config)
+    model = _Model(config, sync)
+    story: dict[str, Any] = {"sync": sync.name, "key": key, "sync_watermark": None}
+    try:
+        rows = model.by_keys([key])
+        row = rows[0] if rows else None
+        story["source_row"] = model.as_dict(row) if row is not None else None
+        story["record"] = story["rejected"] = None
+        digest = None
+        if row is not None:
+            mapped = _mapped([row], sync)
+            if mapped.rejected:
+                story["rejected"] = mapped.rejected[0][1]
+            else:
+                story["record"], digest = orjson.loads(mapped.encoded[0]), mapped.digests[0]
+        acknowledged = state.acknowledged(sync.name, key) if state else None
+        cursor = state.cursor(sync.name) if state else None
+        story["sync_watermark"] = display_value(cursor.watermark) if cursor else None
+        story["acknowledged"] = {
+            "any": acknowledged is not None,
+            "matches_current": None if acknowledged is None or digest is None else acknowledged == digest,
+        }
+        ids = state.dead_letter_ids(sync.name, key) if state else []
+        letters = list(state.dead_letters(sync.name, include_resolved=True, ids=ids)) if ids else []
+    except SourceError as error:
+        raise ExplainError(str(error)) from None
+    finally:
+        model.close()
+        if state:
+            state.close()
+    story["dead_letters"] = [
+        {
+            "id": letter.id,
+            "reason": letter.reason,
+            "http_status": letter.http_status,
+            "api_code": letter.api_code,
+            "attempts": letter.attempts,
+            "first_seen": display_value(letter.first_seen),
+            "last_seen": display_value(letter.last_seen),
+            "resolved_at": display_value(letter.resolved_at),
+            "resolution": letter.resolution,
+        }
+        for letter in letters
+    ]
+    story["state_database"] = state is not None
+    return story
+
+
+def _mapped(rows: Sequence[Sequence[Any]], sync: SyncConfig) -> MappedRows:
+    """Rows mapped, encoded and digested exactly as a cycle does it."""
+    return map_rows(rows, compile_mapping(sync.fields, sync.columns), target=_target(sync), source_hash=_no_hash)
+
+
+def _no_hash(row: Sequence[Any]) -> bytes:
+    return b""  # source fingerprints serve reconcile's shortcut; nothing here stores them
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    return {name: display_value(value) for name, value in row.items()}
+
+
+# ---------------------------------------------------------------------------- text
+
+
+def _record_text(record: dict[str, Any]) -> str:
+    return ", ".join(f"{name}={orjson.dumps(value).decode()}" for name, value in record.items())
+
+
+def _wrapped(text: str, indent: str = "    ") -> list[str]:
+    return textwrap.wrap(text, 80, initial_indent=indent, subsequent_indent=indent + "  ") or [indent]
+
+
+def render_preview(result: dict[str, Any]) -> str:
+    if result["read"] == "keys":
+        lines = [f"{result['sync']}: {result['rows']} row(s) read by key"]
+    else:
+        after = "the start" if result["watermark"] is None else f"watermark {result['watermark']}"
+        lines = [f"{result['sync']}: the next {result['rows']} row(s) a cycle would read, after {after}"]
+    if not result["state_database"]:
+        lines.append("no state database yet: every record counts as new")
+    sections = (
+        ("would be sent", result["would_send"]),
+        ("unchanged since their last ACK (not sent)", result["unchanged"]),
+        ("rejected: would be dead letters", result["rejected"]),
+    )
+    for title, entries in sections:
+        lines.append(f"\n{title}: {len(entries)}")
+        for entry in entries:
+            text = entry["reason"] if "reason" in entry else _record_text(entry["record"])
+            lines += _wrapped(f"{entry['key']}: {text}", "  ")
+    if result.get("not_in_model"):
+        lines.append(f"\nnot in the model: {', '.join(result['not_in_model'])}")
+    return "\n".join(lines) + "\n"
+
+
+def render_story(story: dict[str, Any]) -> str:
+    lines = [f"{story['sync']} key {story['key']}"]
+    if story["source_row"] is None:
+        lines.append("  source row:   not in the model")
+    else:
+        lines.append("  source row:")
+        lines += _wrapped(_record_text(story["source_row"]))
+    if story["rejected"]:
+        lines.append("  mapped:       rejected (dead letter, not sent)")
+        lines += _wrapped(story["rejected"])
+    elif story["record"] is not None:
+        lines.append("  mapped record:")
+        lines += _wrapped(_record_text(story["record"]))
+    ack = story["acknowledged"]
+    if not story["state_database"]:
+        lines.append("  acknowledged: nothing yet (no state database)")
+    elif not ack["any"]:
+        lines.append("  acknowledged: never")
+    elif ack["matches_current"] is None:
+        lines.append("  acknowledged: yes, a record that cannot be compared with the row now")
+    else:
+        if ack["matches_current"]:
+            lines.append("  acknowledged: yes, the same record as now (nothing to send)")
+        else:
+            lines.append("  acknowledged: yes, a different record: the row changed since; the next cycle")
+            lines.append("                sends it if its watermark moved, reconcile if not")
+    lines.append(f"  sync watermark: {story['sync_watermark'] or 'none yet'}")
+    if not story["dead_letters"]:
+        lines.append("  dead letters: none")
+    for letter in story["dead_letters"]:
+        status = f"{letter['resolution']} at {str(letter['resolved_at'])[:19]}" if letter["resolution"] else "open"
+        lines.append(f"  dead letter #{letter['id']}: {status}, {letter['attempts']} attempt(s)")
+        code = f" (HTTP {letter['http_status']}, code {letter['api_code']})" if letter["http_status"] else ""
+        lines += _wrapped(f"{letter['reason']}{code}")
+    return "\n".join(lines) + "\n"
