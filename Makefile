@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-floors bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,14 +24,30 @@ $(DLT_VENV)/.installed: pyproject.toml
 	$(DLT_VENV)/bin/python -m pip install --quiet -e '.[bench]'
 	touch $@
 
+# The lowest versions pyproject.toml declares, installed together: a floor that does not
+# work fails here instead of on a user's machine. Constraints come from pyproject itself.
+FLOORS_VENV := .venv-floors
+
+$(FLOORS_VENV)/.installed: pyproject.toml .ci/floors.py
+	rm -rf $(FLOORS_VENV)
+	$(PYTHON) -m venv $(FLOORS_VENV)
+	$(FLOORS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(FLOORS_VENV)/bin/python .ci/floors.py test > $(FLOORS_VENV)/constraints.txt
+	$(FLOORS_VENV)/bin/python -m pip install --quiet -c $(FLOORS_VENV)/constraints.txt -e '.[test]'
+	touch $@
+
 demo: $(VENV)/.installed-test
 	$(BIN)/syncd demo
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The suite on the floors, less the systemd boot test (it runs the same code as `make test`).
+test-floors: $(FLOORS_VENV)/.installed
+	$(FLOORS_VENV)/bin/python -m pytest $(PYTEST_ARGS) --ignore=tests/test_systemd_boot.py
+
 bench: $(VENV)/.installed-test $(DLT_VENV)/.installed
 	$(BIN)/python bench/run.py --dlt-python $(DLT_VENV)/bin/python $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(DLT_VENV) build *.egg-info
+	rm -rf $(VENV) $(DLT_VENV) $(FLOORS_VENV) build *.egg-info

@@ -52,6 +52,7 @@ AUTH_BACKOFF_START = timedelta(seconds=5)
 AUTH_BACKOFF_MAX = timedelta(minutes=5)
 FINGERPRINT_ROWS = 5_000  # keys compared per state lookup in a reconcile
 OFFLOAD_AHEAD = 8  # batches a child process may map ahead of the sync thread
+NAMED_IN_LOG = 20  # trans_ids and dead-lettered keys the cycle line names; the rest are in the state db
 
 
 @dataclass(slots=True)
@@ -74,6 +75,20 @@ class CycleReport:
     error: str | None = None
     last_trans_id: str | None = None  # of the newest ACK (every one is in the state database)
     offloaded_after: int | None = None  # rows read in-process before a child process took over
+    trans_ids: list[str] = field(default_factory=list)  # of this cycle's pushes, the first NAMED_IN_LOG
+    dead_letters: list[dict[str, str]] = field(default_factory=list)  # {key, reason}, the first NAMED_IN_LOG
+
+    def note(self, pushes: Sequence[PushRecord], dead: Sequence[DeadLetter]) -> None:
+        """Remember what the cycle line names: trans_ids, dead-lettered keys and why."""
+        room = NAMED_IN_LOG - len(self.trans_ids)
+        self.trans_ids.extend([p.trans_id for p in pushes if p.trans_id][:room])
+        room = NAMED_IN_LOG - len(self.dead_letters)
+        self.dead_letters.extend({"key": d.key, "reason": d.reason} for d in dead[:room])
+
+    @property
+    def idle(self) -> bool:
+        """Nothing read, sent or failed: a quiet table's cycle, logged at debug only."""
+        return self.outcome in ("ok", "paused", "skipped") and not (self.rows_read or self.sent or self.dead_lettered)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -87,6 +102,8 @@ class CycleReport:
             "duration_s": round(self.duration_s, 3),
             "watermark": display_value(self.watermark),
             "backlog": self.backlog,
+            **({"trans_ids": self.trans_ids} if self.trans_ids else {}),
+            **({"dead_letters": self.dead_letters} if self.dead_letters else {}),
             **({"offloaded_after": self.offloaded_after} if self.offloaded_after is not None else {}),
             **({"error": self.error} if self.error else {}),
         }
@@ -476,6 +493,7 @@ class SyncRunner:
             )
         report.sent += len(acked)
         report.dead_lettered += len(dead)
+        report.note(pushes, dead)
         report.last_trans_id = next((p.trans_id for p in reversed(pushes) if p.trans_id), report.last_trans_id)
         if move is not None:
             report.watermark = move.watermark
@@ -548,7 +566,12 @@ class SyncRunner:
             self.metrics.set_open_dead_letters(name, self.state.open_dead_letter_count(name))
         elif (stored := self.state.sync_status(name)) is not None:  # another syncd runs it: show its progress
             self.metrics.show_stored(stored)
-        level = "info" if report.outcome in ("ok", "paused", "skipped") else "error"
+        if report.outcome not in ("ok", "paused", "skipped"):
+            level = "error"
+        elif report.dead_lettered:
+            level = "warning"  # rows that need someone's attention
+        else:
+            level = "debug" if report.idle else "info"
         getattr(log, level)("cycle", **report.summary())
 
 
@@ -652,6 +675,8 @@ def _merge(total: CycleReport, more: CycleReport) -> CycleReport:
     for name in ("rows_read", "unchanged", "sent", "batches", "dead_lettered", "duration_s"):
         setattr(more, name, getattr(total, name) + getattr(more, name))
     more.last_trans_id = more.last_trans_id or total.last_trans_id
+    more.trans_ids = (total.trans_ids + more.trans_ids)[:NAMED_IN_LOG]
+    more.dead_letters = (total.dead_letters + more.dead_letters)[:NAMED_IN_LOG]
     if more.offloaded_after is None:
         more.offloaded_after = total.offloaded_after
     if more.watermark is None:

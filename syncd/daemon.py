@@ -43,6 +43,7 @@ credentials are fixed for the life of the process anyway). The daemon logs
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import logging
 import os
 import select
@@ -51,7 +52,8 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -82,6 +84,8 @@ MAX_LOOP_WAIT_S = 1.0  # the main loop wakes at least this often, for STATUS and
 HEARTBEAT_MAX_S = 5.0  # heartbeat period without a watchdog (and its upper bound with one)
 HEARTBEAT_MISSES = 3  # the scheduler counts as stalled after this many missed heartbeats
 RECONCILE_GRACE_S = 3600  # a reconcile dispatched up to an hour late still runs
+MIGRATION_EXTEND_S = 10.0  # while migrating, ask systemd for 30 s more every 10 s
+STOP_TIMEOUT_ENV = "SYNCD_STOP_TIMEOUT"  # the unit's TimeoutStopSec, in seconds (set by syncd.service)
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -95,6 +99,7 @@ def run_daemon(config_path: str | os.PathLike[str]) -> int:
     config = load_config(path)
     configure_logging(config.log.level, config.log.format)
     _log_config_warnings(path, config)
+    _warn_if_drain_outlasts_stop(config)
     daemon = Daemon(path, config)
     return daemon.run()
 
@@ -102,6 +107,39 @@ def run_daemon(config_path: str | os.PathLike[str]) -> int:
 def _log_config_warnings(path: Path, config: Config) -> None:
     for warning in config_warnings(path, config):
         log.warning("config_warning", problem=warning)
+
+
+def _warn_if_drain_outlasts_stop(config: Config, environ: Mapping[str, str] = os.environ) -> None:
+    """Warn when `drain_timeout` does not fit in the unit's stop timeout.
+
+    systemd does not tell a service its TimeoutStopSec=; the shipped unit passes the
+    same number in $SYNCD_STOP_TIMEOUT. A drain still running when it runs out is
+    SIGKILLed: nothing is lost (unacknowledged batches are sent again), but the
+    drain_timeout the config promises does not hold.
+    """
+    value = environ.get(STOP_TIMEOUT_ENV)
+    if not value:
+        return
+    try:
+        stop_s = float(value)
+    except ValueError:
+        log.warning("config_warning", problem=f"${STOP_TIMEOUT_ENV}={value!r} is not a number of seconds; ignored")
+        return
+    drain_s = config.drain_timeout.total_seconds()
+    if drain_s >= stop_s:
+        log.warning(
+            "drain_timeout_exceeds_stop_timeout",
+            drain_timeout_s=drain_s,
+            stop_timeout_s=stop_s,
+            action="lower drain_timeout, or raise TimeoutStopSec= and SYNCD_STOP_TIMEOUT= together in a drop-in",
+        )
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("syncd")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 class _ExpectedOverlap(logging.Filter):
@@ -376,7 +414,7 @@ class Daemon:
         config = self.config
         try:
             self.runtime = Runtime.open(
-                config, should_stop=self.signals.should_stop, on_progress=self.progress
+                config, should_stop=self.signals.should_stop, on_progress=self.progress, migrating=self._migrating
             )
         except Exception:  # state db unreachable, migration failed, ...: exit 1, not a crash
             log.exception("startup_failed", step="open runtime")
@@ -417,12 +455,23 @@ class Daemon:
         self.scheduler.start()
         self.notifier.ready(status=self._status_line())
         log.info(
-            "daemon_started",
+            "started",
+            version=_version(),
+            pid=os.getpid(),
             syncs=[sync.name for sync in config.syncs],
             metrics=config.metrics.listen,
             watchdog_s=self._watchdog * 2 if self._watchdog else None,
         )
         return True
+
+    @contextmanager
+    def _migrating(self) -> Iterator[None]:
+        """Around a state database migration: systemd's TimeoutStartSec= counts from the
+        start, and an upgrade of a large state database can outlast it."""
+        log.info("migrating_state_database")
+        with self.notifier.extending_timeout(MIGRATION_EXTEND_S, status="migrating the state database"):
+            yield
+        log.info("state_database_migrated")
 
     def _loop(self) -> None:
         while not self.signals.stop_requested:
@@ -576,6 +625,7 @@ class Daemon:
         self.config = config
         self._generation += 1
         log.info("config_reloaded", generation=self._generation, **summary)
+        _warn_if_drain_outlasts_stop(config)
         self.notifier.ready(status=self._status_line())
 
     def _apply(self, config: Config) -> dict[str, list[str]]:

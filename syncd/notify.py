@@ -19,8 +19,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 __all__ = ["SystemdNotifier"]
 
@@ -95,6 +97,37 @@ class SystemdNotifier:
         """Ask for ``seconds`` more before the start/stop timeout fires (slow
         migrations at start, a long drain at stop)."""
         return self.notify(EXTEND_TIMEOUT_USEC=int(seconds * 1_000_000))
+
+    @contextmanager
+    def extending_timeout(self, every: float, status: str | None = None) -> Iterator[None]:
+        """While the block runs, ask for more time every ``every`` seconds.
+
+        For work of unknown length before ``READY=1`` (a state database migration):
+        each message grants ``3 * every`` seconds from now, so one late tick is not
+        fatal, and once the block ends the messages stop and the unit's own timeout
+        applies again. ``status`` is shown by ``systemctl status`` meanwhile. A no-op
+        outside systemd.
+        """
+        if not self.enabled:
+            yield
+            return
+        done = threading.Event()
+
+        def tick() -> None:
+            while True:
+                self.extend_timeout(3 * every)
+                if done.wait(every):
+                    return
+
+        if status is not None:
+            self.status(status)
+        thread = threading.Thread(target=tick, name="extend-timeout", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def watchdog_interval(self) -> float | None:
         """Seconds between watchdog pings, or None when no watchdog is armed for us.

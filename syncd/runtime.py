@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 from syncd.config import Config, SyncConfig
@@ -40,11 +41,12 @@ class Runtime:
         migrate: bool = True,
         should_stop: Callable[[], bool] = lambda: False,
         on_progress: Callable[[CycleReport], None] | None = None,
+        migrating: Callable[[], AbstractContextManager[object]] = nullcontext,
     ) -> Runtime:
         _register_secrets(config)
         state = StateStore(config.state.url)
         if migrate:
-            state.migrate()
+            state.migrate(migrating)  # `migrating` wraps a migration that really runs
         tokens = TokenSource(config.api, on_secret=register_secret)
         client = ApiClient(config.api, tokens, limiter or RateLimiter(config.api.requests_per_second))
         runtime = cls(config=config, state=state, client=client, metrics=metrics or Metrics())

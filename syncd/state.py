@@ -13,7 +13,8 @@ import functools
 import os
 import socket
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -248,13 +249,17 @@ class StateStore:
 
     # -- schema
 
-    def migrate(self) -> None:
-        """Bring the schema to the newest Alembic revision (idempotent)."""
+    def migrate(self, migrating: Callable[[], AbstractContextManager[object]] = nullcontext) -> None:
+        """Bring the schema to the newest Alembic revision (idempotent).
+
+        `migrating()` wraps an upgrade that really runs (the daemon keeps extending
+        systemd's start timeout in it), not the quick check that finds none needed.
+        """
         if self._revision() == SCHEMA_REVISION:
             return  # every start of every command comes here: skip loading Alembic (~8 MB, ~0.1 s)
         from alembic import command
 
-        with self.engine.begin() as conn:
+        with migrating(), self.engine.begin() as conn:
             command.upgrade(_alembic_config(conn), "head")
 
     def _revision(self) -> str | None:

@@ -6,6 +6,8 @@ conditions by polling (every wait has a timeout) and kills the daemon in a final
 
 from __future__ import annotations
 
+import importlib.metadata
+import io
 import json
 import os
 import signal
@@ -23,7 +25,7 @@ import psutil
 import pytest
 
 from syncd.cycle import CycleReport
-from syncd.daemon import ProgressLog, effective_config
+from syncd.daemon import ProgressLog, _warn_if_drain_outlasts_stop, effective_config
 from syncd.simulator import SimulatorConfig, start_in_thread
 
 from .crm import TOKEN, Crm, contact, offload_children, wait_for, write_config
@@ -298,8 +300,17 @@ def test_systemd_notify_protocol(crm, api, tmp_path, daemons):
     config = daemon_config(tmp_path, crm, api)
     notify = NotifySocket(tmp_path / "notify.sock")
     try:
-        daemon = daemons(config, {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"})
+        env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000", "SYNCD_STOP_TIMEOUT": "30"}
+        daemon = daemons(config, env)
         ready = notify.wait("READY", "1", timeout=15)
+        # A fresh state database is migrated before READY=1, asking for more start time.
+        extend = notify.index("EXTEND_TIMEOUT_USEC")
+        assert extend is not None and extend < ready, notify.messages[:ready + 1]
+        assert int(notify.messages[extend]["EXTEND_TIMEOUT_USEC"]) >= 10_000_000
+        started = daemon.wait_event("started")
+        assert started["pid"] == daemon.proc.pid
+        assert started["version"] == importlib.metadata.version("syncd")
+        assert not daemon.events("drain_timeout_exceeds_stop_timeout")  # 10 s fits in 30 s
         wait_for(lambda: notify.count("WATCHDOG") >= 3, 5, "repeated WATCHDOG=1")
         wait_for(lambda: any("1 ok" in m.get("STATUS", "") for m in notify.messages), 10, "STATUS with the sync ok")
 
@@ -418,6 +429,32 @@ def test_a_broken_config_exits_2_with_the_reason(tmp_path):
 
 
 # ---------------------------------------------------------------------------- units
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_drain_timeout_longer_than_the_units_stop_timeout_is_a_warning(tmp_path):
+    from syncd.config import load_config
+    from syncd.logs import configure_logging
+
+    path = write_config(
+        tmp_path / "syncd.toml", source_url="sqlite://", api_url="http://127.0.0.1:9/x", state_url="sqlite://"
+    )
+    path.write_text('drain_timeout = "45s"\n' + path.read_text())
+    config = load_config(path)
+    out = io.StringIO()
+    configure_logging("info", "json", out)
+
+    def capture_log(event: str) -> list[dict]:
+        return [e for e in map(json.loads, out.getvalue().splitlines()) if e["event"] == event]
+
+    _warn_if_drain_outlasts_stop(config, {"SYNCD_STOP_TIMEOUT": "30"})
+    [warning] = capture_log("drain_timeout_exceeds_stop_timeout")
+    assert warning["level"] == "warning"
+    assert (warning["drain_timeout_s"], warning["stop_timeout_s"]) == (45, 30)
+
+    _warn_if_drain_outlasts_stop(config, {"SYNCD_STOP_TIMEOUT": "60"})
+    _warn_if_drain_outlasts_stop(config, {})  # not under the shipped unit: nothing to compare with
+    assert len(capture_log("drain_timeout_exceeds_stop_timeout")) == 1
 
 
 def test_reload_keeps_restart_only_settings(tmp_path):

@@ -198,3 +198,39 @@ def test_bad_settings_are_rejected() -> None:
         configure_logging("verbose")
     with pytest.raises(ValueError, match="log format"):
         configure_logging("info", "xml")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("source_url", ["sqlite"], indirect=True)
+def test_the_cycle_line_names_trans_ids_and_dead_letters_and_idle_cycles_stay_at_debug(crm, tmp_path) -> None:
+    from syncd.config import load_config
+    from syncd.runtime import Runtime
+    from syncd.simulator import SimulatorConfig, start_in_thread
+
+    from .crm import TOKEN, contact, write_config
+
+    crm.insert([contact(i) for i in range(1, 4)] + [contact(4, phone="12")])
+    with start_in_thread(SimulatorConfig(tokens=(TOKEN,), key_attribute="accountid")) as api:
+        path = write_config(
+            tmp_path / "syncd.toml",
+            source_url=crm.url,
+            api_url=api.url,
+            state_url=f"sqlite:///{tmp_path / 'state.db'}",
+            batch=2,
+        )
+        out = io.StringIO()
+        configure_logging("info", "json", out)
+        with Runtime.open(load_config(path)) as runtime:
+            runner = runtime.runners["contacts"]
+            runner.run_cycle()  # 3 rows sent in 2 pushes, 1 dead letter
+            runner.run_cycle()  # nothing changed: idle
+            configure_logging("debug", "json", out)
+            runner.run_cycle()
+        acked = [entry["trans_id"] for entry in api.requests() if entry["status"] == 200]
+
+    busy, idle = [line for line in lines(out) if line["event"] == "cycle"]
+    assert busy["sent"] == 3 and busy["trans_ids"] == acked and len(acked) == 2
+    assert busy["dead_letters"] == [{"key": "4", "reason": busy["dead_letters"][0]["reason"]}]
+    assert "msisdn" in busy["dead_letters"][0]["reason"]
+    assert busy["level"] == "warning"  # a row needs someone's attention
+    # The second cycle read nothing and wrote no info line; at debug the third one shows.
+    assert idle["level"] == "debug" and idle["rows_read"] == 0 and "trans_ids" not in idle

@@ -112,3 +112,27 @@ def test_send_errors_never_raise(tmp_path: Path) -> None:
 )
 def test_watchdog_interval(env: dict[str, str], expected: float | None) -> None:
     assert SystemdNotifier(env).watchdog_interval() == expected
+
+
+def test_extending_timeout_asks_for_more_time_until_the_block_ends(manager: tuple[str, socket.socket]) -> None:
+    address, sock = manager
+    notifier = SystemdNotifier({"NOTIFY_SOCKET": address})
+    with notifier.extending_timeout(0.05, status="migrating the state database"):
+        assert receive(sock) == ["STATUS=migrating the state database"]
+        # Each message grants three periods, so one late tick does not time out the start.
+        for _ in range(3):
+            assert receive(sock) == ["EXTEND_TIMEOUT_USEC=150000"]
+    # After the block: silence (at most one tick was on its way), the unit's own timeout applies.
+    sock.settimeout(0.3)
+    late = []
+    with pytest.raises(TimeoutError):
+        while len(late) < 3:
+            late.append(receive(sock))
+    assert len(late) <= 1
+
+
+def test_extending_timeout_outside_systemd_just_runs_the_block() -> None:
+    ran = []
+    with SystemdNotifier({}).extending_timeout(0.01):
+        ran.append(True)
+    assert ran == [True]

@@ -89,10 +89,53 @@ def test_unit_says_what_the_docs_promise() -> None:
     assert values("DynamicUser") == ["yes"]
     assert values("StateDirectory") == ["syncd"]
     assert values("ConfigurationDirectory") == ["syncd"]
-    assert values("LoadCredential") == [
-        "api-token:/etc/syncd/credentials/api-token",
-        "crm-password:/etc/syncd/credentials/crm-password",
-    ]
+    # Only the API key: on systemd 252 a LoadCredential= whose file is missing fails the
+    # start (243/CREDENTIALS), so the optional database password comes in a drop-in.
+    assert values("LoadCredential") == ["api-token:/etc/syncd/credentials/api-token"]
     assert values("UMask") == ["0077"]
     assert values("RestrictAddressFamilies") == ["AF_UNIX AF_INET AF_INET6"]
     assert not any("SYNCD_STATE__URL" in value for value in values("Environment"))
+
+
+def seconds(value: str) -> float:
+    """A systemd time span as used in the unit ("30", "30s", "5min")."""
+    match = re.fullmatch(r"(\d+)(s|min)?", value)
+    assert match, f"unexpected time span {value!r}"
+    return int(match.group(1)) * (60 if match.group(2) == "min" else 1)
+
+
+def test_a_config_error_is_not_restarted() -> None:
+    # `syncd run` exits 2 on a config it cannot load; restarting cannot fix that.
+    assert "2" in " ".join(values("RestartPreventExitStatus")).split()
+
+
+@pytest.mark.parametrize("outage_s", [30, 3600])
+def test_failed_starts_during_an_outage_do_not_leave_the_unit_dead(outage_s: int) -> None:
+    """A state database that is down fails each start with exit 1; the unit must
+    still be retrying when it comes back, not stopped by the start limit."""
+    [restart_s] = map(seconds, values("RestartSec"))
+    [interval] = values("StartLimitIntervalSec") or ["10"]  # systemd's default is 10 s / 5
+    [burst] = values("StartLimitBurst") or ["5"]
+    starts = 1 + outage_s // restart_s  # a failing start takes at least RestartSec to come round
+    if seconds(interval) != 0:  # 0: no start limit
+        window = min(outage_s, seconds(interval))
+        assert 1 + window // restart_s < int(burst), f"{starts} starts in {outage_s}s hit the limit"
+    assert restart_s >= 5  # and the retries do not hammer the database
+
+
+def test_the_daemon_knows_the_stop_timeout() -> None:
+    # The daemon warns when drain_timeout does not fit; the unit tells it the number.
+    stop = seconds(values("TimeoutStopSec")[0])
+    assert f"SYNCD_STOP_TIMEOUT={stop}" in values("Environment")
+
+
+def test_unprefixed_output_reaches_the_error_priority() -> None:
+    # Logged lines carry "<N>"; stack dumps and a refused reload's reason do not.
+    assert values("SyslogLevel") == ["err"]
+    assert values("SyslogLevelPrefix") in ([], ["yes"])
+
+
+def test_documentation_points_at_what_the_install_ships() -> None:
+    [doc] = values("Documentation")
+    assert doc == "file:/opt/syncd/share/doc/syncd/README.md"  # the venv of ExecStart
+    assert BINARY.startswith("/opt/syncd/")
