@@ -400,6 +400,15 @@ def test_e164_blank_country_uses_default_region(blank: Any):
     )
 
 
+def test_e164_row_country_overrides_default_region():
+    """A London number in a German contact's row is not read as British because the default
+    region is GB: the row says Germany, where it is not a number, so the row is refused."""
+    mapping = country_mapping(default_region="GB")
+    assert mapping(("020 7946 0958", "")) == {"out": "+442079460958"}
+    with pytest.raises(RowRejected, match="'020 7946 0958' is not a valid phone number in region DE"):
+        mapping(("020 7946 0958", "Germany"))
+
+
 def test_e164_per_row_region_with_required_default_and_blank_phone():
     mapping = country_mapping(required=True)
     with pytest.raises(RowRejected, match="required value is empty"):
