@@ -592,9 +592,9 @@ def _e164_slow(text: str, region: str | None, mobile_only: bool, hint: str) -> s
     if number is not None and number.extension:
         raise _Invalid(f"{text!r} has an extension; a msisdn reaches one phone, not an extension behind it")
     if number is None or not phonenumbers.is_valid_number(number):
-        why = hint if not region and not text.lstrip().startswith(("+", "\uff0b")) else ""
-        where = f" in region {region}" if region and not text.lstrip().startswith(("+", "\uff0b")) else ""
-        raise _Invalid(f"{text!r} is not a valid phone number{where}{why}")
+        national = not text.lstrip().startswith(("+", "\uff0b"))  # read in `region`, if any
+        why = (f" in region {region}" if region else hint) if national else ""
+        raise _Invalid(f"{text!r} is not a valid phone number{why}")
     if mobile_only:
         kind = phonenumbers.number_type(number)
         if kind not in _MOBILE:
