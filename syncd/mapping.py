@@ -817,7 +817,12 @@ def _national_rule(region: str) -> tuple[int, re.Pattern[str], re.Pattern[str]] 
     """(country code, national prefix, international prefix) of `region`, or None when its
     prefix rule is more than a plain strip."""
     metadata = PhoneMetadata.metadata_for_region(region, None)
-    if metadata is None or metadata.national_prefix_transform_rule or not metadata.international_prefix:
+    if (
+        metadata is None
+        or metadata.country_code is None
+        or metadata.national_prefix_transform_rule
+        or not metadata.international_prefix
+    ):
         return None
     try:
         national_prefix = re.compile(metadata.national_prefix_for_parsing or "(?!)")
