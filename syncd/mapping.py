@@ -558,7 +558,11 @@ def _e164_converter(region: str | None, mobile_only: bool, regional: bool) -> Ca
 
         def to_e164_in(value: Any, region: str | None) -> str:
             text = value if type(value) is str else _text(value)
-            return _fast_e164(text, mobile_only) or _e164_slow(text, region, mobile_only, _NO_COUNTRY)
+            return (
+                _fast_e164(text, mobile_only)
+                or (region and _fast_national(text, region, mobile_only))
+                or _e164_slow(text, region, mobile_only, _NO_COUNTRY)
+            )
 
         return to_e164_in
 
@@ -566,7 +570,11 @@ def _e164_converter(region: str | None, mobile_only: bool, regional: bool) -> Ca
 
     def to_e164(value: Any) -> str:
         text = value if type(value) is str else _text(value)
-        return _fast_e164(text, mobile_only) or _e164_slow(text, region, mobile_only, hint)
+        return (
+            _fast_e164(text, mobile_only)
+            or (region and _fast_national(text, region, mobile_only))
+            or _e164_slow(text, region, mobile_only, hint)
+        )
 
     return to_e164
 
@@ -592,9 +600,9 @@ def _e164_slow(text: str, region: str | None, mobile_only: bool, hint: str) -> s
     if number is not None and number.extension:
         raise _Invalid(f"{text!r} has an extension; a msisdn reaches one phone, not an extension behind it")
     if number is None or not phonenumbers.is_valid_number(number):
-        why = hint if not region and not text.lstrip().startswith(("+", "\uff0b")) else ""
-        where = f" in region {region}" if region and not text.lstrip().startswith(("+", "\uff0b")) else ""
-        raise _Invalid(f"{text!r} is not a valid phone number{where}{why}")
+        national = not text.lstrip().startswith(("+", "\uff0b"))  # read in `region`, if any
+        why = (f" in region {region}" if region else hint) if national else ""
+        raise _Invalid(f"{text!r} is not a valid phone number{why}")
     if mobile_only:
         kind = phonenumbers.number_type(number)
         if kind not in _MOBILE:
@@ -777,6 +785,53 @@ def _fast_e164(text: str, mobile_only: bool = False) -> str | None:
     if valid is None or not 2 <= len(national) <= 17 or not valid(national):
         return None
     return "+" + digits
+
+
+def _fast_national(text: str, region: str, mobile_only: bool = False) -> str | None:
+    """`text`, a national number of `region`, in E.164 if the fast path proves it valid.
+
+    `parse(text, region)` strips the region's national prefix ("0") when what follows is a
+    viable number, which a valid one is; so "+<country code><the rest>" is what the library
+    would read, and `_fast_e164` decides it. Regions whose prefix rule captures carrier codes
+    or rewrites the number, and digits that begin with the international call prefix ("00",
+    read as a country code), are left to the library.
+    """
+    try:
+        rule = _national_rules[region]
+    except KeyError:
+        rule = _national_rules[region] = _national_rule(region)
+    if rule is None:
+        return None
+    code, national_prefix, international_prefix = rule
+    digits = text if text.isdigit() else text.translate(_SEPARATORS)
+    if not (digits.isdigit() and digits.isascii()) or international_prefix.match(digits):
+        return None
+    prefix = national_prefix.match(digits)
+    return _fast_e164(f"+{code}{digits[prefix.end() :] if prefix else digits}", mobile_only)
+
+
+_national_rules: dict[str, tuple[int, re.Pattern[str], re.Pattern[str]] | None] = {}
+
+
+def _national_rule(region: str) -> tuple[int, re.Pattern[str], re.Pattern[str]] | None:
+    """(country code, national prefix, international prefix) of `region`, or None when its
+    prefix rule is more than a plain strip."""
+    metadata = PhoneMetadata.metadata_for_region(region, None)
+    if (
+        metadata is None
+        or metadata.country_code is None
+        or metadata.national_prefix_transform_rule
+        or not metadata.international_prefix
+    ):
+        return None
+    try:
+        national_prefix = re.compile(metadata.national_prefix_for_parsing or "(?!)")
+        international_prefix = re.compile(metadata.international_prefix)
+    except re.error:
+        return None
+    if national_prefix.groups:
+        return None
+    return metadata.country_code, national_prefix, international_prefix
 
 
 def _validator(code: str, mobile_only: bool = False) -> Callable[[str], bool] | None:

@@ -400,6 +400,15 @@ def test_e164_blank_country_uses_default_region(blank: Any):
     )
 
 
+def test_e164_row_country_overrides_default_region():
+    """A London number in a German contact's row is not read as British because the default
+    region is GB: the row says Germany, where it is not a number, so the row is refused."""
+    mapping = country_mapping(default_region="GB")
+    assert mapping(("020 7946 0958", "")) == {"out": "+442079460958"}
+    with pytest.raises(RowRejected, match="'020 7946 0958' is not a valid phone number in region DE"):
+        mapping(("020 7946 0958", "Germany"))
+
+
 def test_e164_per_row_region_with_required_default_and_blank_phone():
     mapping = country_mapping(required=True)
     with pytest.raises(RowRejected, match="required value is empty"):
@@ -648,6 +657,50 @@ def test_e164_fast_path_agrees_with_phonenumbers(mobile_only: bool):
         assert fast == phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), text
     assert accepted > wanted * 0.75  # the fast path is actually taken
     assert not mobile_only or refused > len(cases) / 8  # and mobile_only refuses landlines
+
+
+@pytest.mark.parametrize("mobile_only", [False, True])
+def test_e164_national_fast_path_agrees_with_phonenumbers(mobile_only: bool):
+    """National numbers read in their region: every region's example numbers as the library
+    writes them nationally (and written with the international prefix, without the
+    trunk prefix, and near misses), against parse(text, region)."""
+    from syncd.mapping import _fast_national
+
+    rng = random.Random(3)
+    types = (phonenumbers.PhoneNumberType.FIXED_LINE, phonenumbers.PhoneNumberType.MOBILE,
+             phonenumbers.PhoneNumberType.TOLL_FREE, phonenumbers.PhoneNumberType.VOIP)  # fmt: skip
+    cases = set()
+    for region in phonenumbers.SUPPORTED_REGIONS:
+        for kind in types:
+            example = phonenumbers.example_number_for_type(region, kind)
+            if example is None:
+                continue
+            national = phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.NATIONAL)
+            significant = phonenumbers.national_significant_number(example)
+            out_of = phonenumbers.format_out_of_country_calling_number(example, region)
+            changed = national[:-1] + str(rng.randint(0, 9))
+            for text in (national, significant, out_of, changed, national[:-1], national + "1", "0" + significant):
+                cases.add((region, text))
+    accepted = wanted = 0
+    for region, text in sorted(cases):
+        fast = _fast_national(text, region, mobile_only)
+        try:
+            number = phonenumbers.parse(text, region)
+        except phonenumbers.NumberParseException:
+            assert fast is None, (region, text)
+            continue
+        valid = phonenumbers.is_valid_number(number) and not number.extension
+        mobile = phonenumbers.number_type(number) in (
+            phonenumbers.PhoneNumberType.MOBILE,
+            phonenumbers.PhoneNumberType.FIXED_LINE_OR_MOBILE,
+        )
+        wanted += valid and (mobile or not mobile_only)
+        if fast is None:
+            continue
+        accepted += 1
+        assert valid and (mobile or not mobile_only), (region, text)
+        assert fast == phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), (region, text)
+    assert accepted > wanted * 0.5  # the fast path is actually taken
 
 
 # --- date / datetime ------------------------------------------------------------------------
