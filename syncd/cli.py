@@ -1,7 +1,9 @@
 """The `syncd` command: parse arguments, load the config, hand over, map failures to exit codes.
 
-Exit codes: 0 success, 1 failure at run time, 2 bad usage or config. No command prints a
-traceback for an expected failure; the message names what is wrong.
+Exit codes: 0 success, 1 failure at run time, 2 bad usage or config; `status` adds 3 for a
+sync that fails. No command prints a traceback for an expected failure; the message names
+what is wrong. A token_file or password_file a command needs is read before it starts, so
+a missing one is one line naming its config key (exit 1), whatever the command.
 """
 
 from __future__ import annotations
