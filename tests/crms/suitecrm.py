@@ -228,6 +228,13 @@ class SuiteCrm(CrmFixture):
             links,
         )
 
+    def expected(self, person: Person) -> dict[str, str] | None:
+        """The README's SuiteCRM config also sends the account's name as `company`."""
+        record = person.expected()
+        if record is not None and person.account:
+            record["company"] = person.account
+        return record
+
     # -- the CRM's own ways of changing a contact
 
     def update_contact(self, person: Person, *, at: datetime | None = None, conn: sa.Connection | None = None, **values: object) -> None:
