@@ -13,6 +13,8 @@ import socket
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -24,7 +26,7 @@ from .crms.common import CrmFixture
 from .crms.espocrm import EspoCrm
 from .crms.fixtures import datastore, espocrm, odoo, real_crm, suitecrm, vtiger  # noqa: F401  (fixtures)
 from .crms.odoo import Odoo
-from .crms.people import SPECIAL, Person, generate
+from .crms.people import SPECIAL, Person, generate, naive_utc_now
 from .crms.suitecrm import SuiteCrm
 from .crms.vtiger import Vtiger
 
@@ -340,7 +342,7 @@ def records_pushed(datastore, since: int = 0) -> int:
 def arrived(crm: CrmFixture, datastore) -> dict[str, dict]:
     """Wait until every contact the fixture expects is in the datastore; what is there."""
     expected = {p.msisdn for p in crm.people if crm.expected(p)}
-    return wait_for(lambda: (s := stored(datastore)) if expected <= s.keys() else None, what="the expected contacts")
+    return wait_for(lambda: s if expected <= (s := stored(datastore)).keys() else None, what="the expected contacts")
 
 
 def assert_record(crm: CrmFixture, person: Person, record: dict) -> None:
@@ -389,14 +391,13 @@ def test_region_comes_from_the_row_not_the_default(suitecrm, datastore, tmp_path
     assert len(germans) >= 3
     for person in germans:
         assert records[person.msisdn]["msisdn"].startswith("+49")
-    assert not any(record["msisdn"].startswith("+44" + "1") for record in records.values())  # no German number made British
 
 
 def arrived_without(crm: CrmFixture, datastore, case: str) -> dict[str, dict]:
     """Like `arrived`, for a config under which one special case is not expected."""
     skip = crm.people[SPECIAL.index(case)]
     expected = {p.msisdn for p in crm.people if crm.expected(p) and p is not skip}
-    return wait_for(lambda: (s := stored(datastore)) if expected <= s.keys() else None, what="the expected contacts")
+    return wait_for(lambda: s if expected <= (s := stored(datastore)).keys() else None, what="the expected contacts")
 
 
 def change_email(crm: CrmFixture, person: Person, address: str) -> None:
@@ -476,8 +477,8 @@ def test_a_model_with_duplicate_keys_is_reported_not_flipped(suitecrm, datastore
     assert checked.returncode == 1
     assert "suitecrm-contacts" in checked.stdout and "unique" in checked.stdout.lower()
 
-    once(config)
-    reported = status(config)["last_error"] or ""
+    result = once(config)
+    reported = (status(config)["last_error"] or "") + result.stderr
     assert suitecrm.key(person) in reported
     pushed = records_pushed(datastore)
     syncd("reconcile", "-c", str(config))
@@ -488,46 +489,69 @@ def test_a_model_with_duplicate_keys_is_reported_not_flipped(suitecrm, datastore
 @needs_all
 def test_naive_utc_under_a_berlin_session_with_a_late_commit(odoo, datastore, tmp_path):
     """Odoo writes `write_date` in UTC, the database session is in Europe/Berlin, and a
-    transaction commits after a later one: both changes arrive."""
+    transaction commits after a later one while the daemon polls: both changes arrive."""
     url = sa.make_url(odoo.url)
     berlin = url.update_query_dict({"options": f"{url.query['options']} -ctimezone=Europe/Berlin"})
-    config = readme_config(odoo, tmp_path, datastore.url, source_url=berlin.render_as_string(hide_password=False))
-    assert once(config).returncode == 0
-    arrived(odoo, datastore)
-    sent = [p for p in odoo.people if odoo.expected(p) and p.first]
-    late, early = sent[0], sent[1]
-
-    with odoo.late_transaction() as conn:
-        # As the ORM writes: write_date is the transaction's start, in UTC.
-        conn.execute(
-            sa.text("UPDATE res_partner SET name = 'Late Commit', write_date = (now() AT TIME ZONE 'UTC') WHERE id = :id"),
-            {"id": odoo.key(late)},
-        )
-        odoo.write(early, name="Early Commit")  # starts later, commits first
-        assert once(config).returncode == 0
-    assert once(config).returncode == 0
-
-    wait_for(
-        lambda: stored(datastore)[late.msisdn].get("firstname") == "Late"
-        and stored(datastore)[early.msisdn].get("firstname") == "Early",
-        what="both changes",
+    config = readme_config(
+        odoo,
+        tmp_path,
+        datastore.url,
+        source_url=berlin.render_as_string(hide_password=False),
+        edits=(('interval = "30s"', 'interval = "100ms"'),),
     )
-    assert status(config)["backlog"] == 0
+    with running_daemon(config, tmp_path) as port:
+        arrived(odoo, datastore)
+        sent = [p for p in odoo.people if odoo.expected(p) and p.first]
+        late, early = sent[0], sent[1]
+        with odoo.late_transaction() as conn:
+            # As the ORM writes: write_date is the transaction's start, in UTC.
+            conn.execute(
+                sa.text("UPDATE res_partner SET name = 'Late Commit', write_date = (now() AT TIME ZONE 'UTC') WHERE id = :id"),
+                {"id": odoo.key(late)},
+            )
+            odoo.write(early, at=naive_utc_now(precision="microsecond"), name="Early Commit")  # starts later, commits first
+            cycles = cycles_run(port)
+            wait_for(lambda: cycles_run(port) >= cycles + 2, what="two polls while the late transaction is open")
+        wait_for(
+            lambda: stored(datastore)[late.msisdn].get("firstname") == "Late"
+            and stored(datastore)[early.msisdn].get("firstname") == "Early",
+            what="both changes",
+        )
+
+
+@contextmanager
+def running_daemon(config: Path, tmp_path: Path) -> Iterator[int]:
+    """`syncd run` with its metrics on a free port (yielded); stopped with SIGTERM."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config.write_text(f'[metrics]\nlisten = "127.0.0.1:{port}"\n\n' + config.read_text())
+    with (tmp_path / "daemon.log").open("w") as log:
+        daemon = subprocess.Popen([sys.executable, "-m", "syncd.cli", "run", "-c", str(config)], stderr=log)
+        try:
+            yield port
+        finally:
+            daemon.terminate()
+            daemon.wait(30)
+
+
+def cycles_run(port: int) -> float:
+    """Cycles the daemon has finished, from its metrics (0 until it serves them)."""
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    except httpx.TransportError:
+        return 0
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("syncd_cycles_total"))
 
 
 @needs_all
 def test_same_second_updates_at_second_precision_with_no_settle(suitecrm, datastore, tmp_path):
     """MariaDB DATETIME has whole seconds: a row of second S with a lower key, committed after
     a cycle read a row of S, must still arrive (the bound never reaches into S while S lasts)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     config = readme_config(
         suitecrm, tmp_path, datastore.url, edits=(('interval = "30s"', 'interval = "50ms"\nsettle = "0s"'),)
     )
-    config.write_text(f'[metrics]\nlisten = "127.0.0.1:{port}"\n\n' + config.read_text())
-    daemon = subprocess.Popen([sys.executable, "-m", "syncd.cli", "run", "-c", str(config)], stderr=subprocess.PIPE, text=True)
-    try:
+    with running_daemon(config, tmp_path) as port:
         arrived(suitecrm, datastore)
         sent = sorted((p for p in suitecrm.people if suitecrm.expected(p)), key=suitecrm.key)
         low, high = sent[0], sent[-1]
@@ -536,10 +560,10 @@ def test_same_second_updates_at_second_precision_with_no_settle(suitecrm, datast
             second = suitecrm.scalar("SELECT UTC_TIMESTAMP()")
             suitecrm.update_contact(high, at=second, first_name=f"High{attempt}")
             cycles = cycles_run(port)
-            wait_for(lambda c=cycles: cycles_run(port) >= c + 2, what="two cycles after the write")
+            wait_for(lambda c=cycles: cycles_run(port) >= c + 2, what="two polls after the write")
             suitecrm.update_contact(low, at=second, first_name=f"Low{attempt}")
             if suitecrm.scalar("SELECT UTC_TIMESTAMP()") == second:
-                break  # both writes landed within the second
+                break  # both writes landed within the second, with polls in between
         else:
             pytest.skip("could not write twice within one second on this machine")
         wait_for(
@@ -547,12 +571,3 @@ def test_same_second_updates_at_second_precision_with_no_settle(suitecrm, datast
             and stored(datastore)[high.msisdn].get("firstname") == f"High{attempt}",
             what="both same-second updates",
         )
-    finally:
-        daemon.terminate()
-        daemon.wait(30)
-
-
-def cycles_run(port: int) -> float:
-    """Cycles the daemon has finished, from its metrics."""
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("syncd_cycles_total"))
