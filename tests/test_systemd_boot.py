@@ -305,9 +305,13 @@ def test_start_returns_at_ready_and_the_sync_delivers(machine: Machine) -> None:
 def test_the_log_recipes_of_the_guide_run_as_written(machine: Machine) -> None:
     if machine.run("sh", "-c", "command -v jq").returncode != 0:
         unavailable("jq is not installed (apt-get install jq)")
-    block = GUIDE.read_text().split("## Logs", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
-    recipes = [line.split("  #")[0].strip() for line in block.splitlines() if line.startswith("journalctl")]
-    assert len(recipes) >= 4, block
+    # Every journalctl line in the shell blocks of the guide and of README's Operations.
+    text = GUIDE.read_text() + (ROOT / "README.md").read_text()
+    blocks = [part.split("```", 1)[0] for part in text.split("```sh")[1:]]
+    recipes = [
+        line.split("  #")[0].strip() for block in blocks for line in block.splitlines() if line.startswith("journalctl")
+    ]
+    assert len(recipes) >= 7, recipes
     for recipe in recipes:
         result = machine.sh(recipe.replace(" -f ", " --no-pager "))  # -f would follow forever
         assert result.returncode == 0, f"{recipe}\n{result.stderr}"
