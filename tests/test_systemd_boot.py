@@ -300,6 +300,8 @@ def test_start_returns_at_ready_and_the_sync_delivers(machine: Machine) -> None:
     assert started["version"] not in ("", "unknown")
     assert entry["PRIORITY"] == "6" and entry["SYSLOG_IDENTIFIER"] == "syncd"
     assert not machine.journal("-p", "err")  # a clean start has nothing at err
+    # The first start created the state database, extending the start timeout meanwhile.
+    assert machine.events("migrating_state_database") and machine.events("state_database_migrated")
 
 
 def test_the_log_recipes_of_the_guide_run_as_written(machine: Machine) -> None:
