@@ -150,6 +150,17 @@ def _system_python() -> str:
     return str(path)
 
 
+def _installed_code() -> Path:
+    """Where this venv's `import syncd` leads outside the checkout's own sys.path (for an
+    editable install, the checkout it was installed from): the service must see it."""
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", "import syncd; print(syncd.__file__)"],
+        cwd="/", capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return Path(result.stdout.strip()).resolve().parent.parent
+
+
 def _hidden_from_the_service(path: Path) -> bool:
     return path.resolve().is_relative_to("/root") or path.resolve().is_relative_to("/home")
 
@@ -193,6 +204,8 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
     if shutil.which("nsenter") is None:
         unavailable("nsenter is not installed (util-linux)")
     site = Path(sysconfig.get_paths()["purelib"]).resolve()
+    code = _installed_code()
+    shared = sorted({ROOT, site, code}, key=str)  # seen by the container at the same paths
     python = _system_python()
 
     base = tmp_path_factory.mktemp("boot")
@@ -203,11 +216,12 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
     _write_crm(etc / "crm.db", 5)
     (units / "syncd.service.d").mkdir(parents=True)
     shutil.copy(UNIT, units / "syncd.service")  # as shipped
-    test_settings = f"[Service]\nWatchdogSec={WATCHDOG_S}\nRestartSec=1\n"
-    hidden = [path for path in (ROOT, site) if _hidden_from_the_service(path)]
-    if hidden:  # a checkout under /root or /home: ProtectHome=yes would hide the code itself
-        test_settings += "ProtectHome=tmpfs\n" + "".join(f"BindReadOnlyPaths={path}\n" for path in hidden)
-    (units / "syncd.service.d" / "test.conf").write_text(test_settings)
+    # A checkout under /root or /home (a CI clone, say): ProtectHome=yes would hide the
+    # code itself, and /root is 0700 anyway. Bring back just those paths, for the test.
+    hidden = [f"BindReadOnlyPaths={path}" for path in shared if _hidden_from_the_service(path)]
+    properties = ["ProtectHome=tmpfs", *hidden] if hidden else []
+    test_settings = [f"WatchdogSec={WATCHDOG_S}", "RestartSec=1", *properties]
+    (units / "syncd.service.d" / "test.conf").write_text("[Service]\n" + "\n".join(test_settings) + "\n")
     (base / "machine-id").write_text(uuid.uuid4().hex + "\n")  # not a first boot: no presets enabling services
     _readable(opt, etc, units)
     token = etc / "credentials" / "api-token"
@@ -215,9 +229,8 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
     token.chmod(0o600)
     (etc / "credentials").chmod(0o700)
 
-    binds = [f"--bind-ro={ROOT}", f"--bind-ro={opt}:/opt/syncd", f"--bind-ro={etc}:/etc/syncd"]
-    if not site.resolve().is_relative_to(ROOT):
-        binds.append(f"--bind-ro={site.resolve()}")
+    binds = [f"--bind-ro={path}" for path in shared if not any(path.is_relative_to(p) and path != p for p in shared)]
+    binds += [f"--bind-ro={opt}:/opt/syncd", f"--bind-ro={etc}:/etc/syncd"]
     console = base / "console.log"
     command = [
         nspawn, "--quiet", "--volatile=yes", "--directory=/", "--boot", "--register=no", "--keep-unit",
@@ -245,6 +258,7 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
         )
         simulator = box.run(
             "systemd-run", "--unit=syncd-simulator", "--property=DynamicUser=yes",
+            *(f"--property={p}" for p in properties),
             "/opt/syncd/bin/syncd", "simulate-api", "--port", str(PORT), "--token", TOKEN,
         )  # fmt: skip
         assert simulator.returncode == 0, simulator.stderr
