@@ -342,9 +342,12 @@ def test_the_log_recipes_of_the_guide_run_as_written(machine: Machine) -> None:
 def test_reload_applies_a_config_and_refuses_a_broken_one_with_the_reason_at_err(machine: Machine) -> None:
     pid = machine.show("syncd", "MainPID")["MainPID"]
     config = machine.etc / "syncd.toml"
-    config.write_text(CONFIG.replace('interval = "1s"', 'interval = "2s"'))
+    # A drain longer than the unit's TimeoutStopSec=30 is applied, with a warning.
+    config.write_text('drain_timeout = "40s"\n' + CONFIG.replace('interval = "1s"', 'interval = "2s"'))
     machine.run("systemctl", "reload", "syncd", check=True)
     machine.wait_for(lambda: machine.events("config_reloaded"), "config_reloaded")
+    [(warning, entry)] = machine.wait_for(lambda: machine.events("drain_timeout_exceeds_stop_timeout"), "the warning")
+    assert (warning["drain_timeout_s"], warning["stop_timeout_s"], entry["PRIORITY"]) == (40, 30, "4")
 
     config.write_text(CONFIG + "\nnot_a_setting = 1\n")
     try:
