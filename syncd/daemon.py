@@ -84,6 +84,7 @@ MAX_LOOP_WAIT_S = 1.0  # the main loop wakes at least this often, for STATUS and
 HEARTBEAT_MAX_S = 5.0  # heartbeat period without a watchdog (and its upper bound with one)
 HEARTBEAT_MISSES = 3  # the scheduler counts as stalled after this many missed heartbeats
 RECONCILE_GRACE_S = 3600  # a reconcile dispatched up to an hour late still runs
+SUMMARY_EVERY_S = 3600.0  # an info line on how the syncs stand: idle cycles themselves log at debug
 MIGRATION_EXTEND_S = 10.0  # while migrating, ask systemd for 30 s more every 10 s
 STOP_TIMEOUT_ENV = "SYNCD_STOP_TIMEOUT"  # the unit's TimeoutStopSec, in seconds (set by syncd.service)
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -395,6 +396,7 @@ class Daemon:
         self._beat = time.monotonic()
         self._loop_wait = min(MAX_LOOP_WAIT_S, watchdog) if watchdog else MAX_LOOP_WAIT_S
         self._last_status = ""
+        self._summary_at = time.monotonic()
 
     # -- lifecycle
 
@@ -494,6 +496,9 @@ class Daemon:
             self.notifier.status(status)
             if not alive:
                 log.error("scheduler_stalled", last_heartbeat_s=round(time.monotonic() - self._beat, 1))
+        if time.monotonic() - self._summary_at >= SUMMARY_EVERY_S:
+            self._summary_at = time.monotonic()
+            log.info("status", status=status)
 
     def _heartbeat(self) -> None:
         self._beat = time.monotonic()

@@ -57,6 +57,9 @@ _PATTERNS = (
 
 # journald reads a "<N>" prefix as the line's syslog priority (SyslogLevelPrefix=,
 # on by default), which is what makes `journalctl -p err` work for a JSON stream.
+# syncd.service sets SyslogLevel=err for what has no prefix: output that bypasses
+# this module (faulthandler's stack dump on a watchdog SIGABRT, `syncd check`'s
+# reason for refusing a reload) is exactly what an operator looks for at err.
 _PRIORITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
 
 _secrets: re.Pattern[str] | None = None

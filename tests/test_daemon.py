@@ -460,6 +460,28 @@ def test_drain_timeout_longer_than_the_units_stop_timeout_is_a_warning(tmp_path)
     assert len(capture_log("drain_timeout_exceeds_stop_timeout")) == 1
 
 
+@pytest.mark.usefixtures("restore_logging")
+def test_an_idle_daemon_says_how_its_syncs_stand_once_in_a_while(tmp_path, monkeypatch):
+    """Idle cycles log at debug; one info line per SUMMARY_EVERY_S still shows it is alive."""
+    import syncd.daemon
+    from syncd.config import load_config
+    from syncd.logs import configure_logging
+
+    path = write_config(
+        tmp_path / "syncd.toml", source_url="sqlite://", api_url="http://127.0.0.1:9/x", state_url="sqlite://"
+    )
+    daemon = syncd.daemon.Daemon(path, load_config(path))
+    monkeypatch.setattr(daemon, "_scheduler_alive", lambda: True)
+    out = io.StringIO()
+    configure_logging("info", "json", out)
+
+    daemon._tick()  # just started: no summary yet
+    monkeypatch.setattr(syncd.daemon, "SUMMARY_EVERY_S", 0.0)
+    daemon._tick()
+    summaries = [e for e in map(json.loads, out.getvalue().splitlines()) if e["event"] == "status"]
+    assert [(e["level"], e["status"]) for e in summaries] == [("info", "0 syncs")]
+
+
 def test_reload_keeps_restart_only_settings(tmp_path):
     from syncd.config import load_config
 

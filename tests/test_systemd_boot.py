@@ -150,6 +150,17 @@ def _system_python() -> str:
     return str(path)
 
 
+def _installed_code() -> Path:
+    """Where this venv's `import syncd` leads outside the checkout's own sys.path (for an
+    editable install, the checkout it was installed from): the service must see it."""
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", "import syncd; print(syncd.__file__)"],
+        cwd="/", capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return Path(result.stdout.strip()).resolve().parent.parent
+
+
 def _hidden_from_the_service(path: Path) -> bool:
     return path.resolve().is_relative_to("/root") or path.resolve().is_relative_to("/home")
 
@@ -193,6 +204,8 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
     if shutil.which("nsenter") is None:
         unavailable("nsenter is not installed (util-linux)")
     site = Path(sysconfig.get_paths()["purelib"]).resolve()
+    code = _installed_code()
+    shared = sorted({ROOT, site, code}, key=str)  # seen by the container at the same paths
     python = _system_python()
 
     base = tmp_path_factory.mktemp("boot")
@@ -203,11 +216,12 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
     _write_crm(etc / "crm.db", 5)
     (units / "syncd.service.d").mkdir(parents=True)
     shutil.copy(UNIT, units / "syncd.service")  # as shipped
-    test_settings = f"[Service]\nWatchdogSec={WATCHDOG_S}\nRestartSec=1\n"
-    hidden = [path for path in (ROOT, site) if _hidden_from_the_service(path)]
-    if hidden:  # a checkout under /root or /home: ProtectHome=yes would hide the code itself
-        test_settings += "ProtectHome=tmpfs\n" + "".join(f"BindReadOnlyPaths={path}\n" for path in hidden)
-    (units / "syncd.service.d" / "test.conf").write_text(test_settings)
+    # A checkout under /root or /home (a CI clone, say): ProtectHome=yes would hide the
+    # code itself, and /root is 0700 anyway. Bring back just those paths, for the test.
+    hidden = [f"BindReadOnlyPaths={path}" for path in shared if _hidden_from_the_service(path)]
+    properties = ["ProtectHome=tmpfs", *hidden] if hidden else []
+    test_settings = [f"WatchdogSec={WATCHDOG_S}", "RestartSec=1", *properties]
+    (units / "syncd.service.d" / "test.conf").write_text("[Service]\n" + "\n".join(test_settings) + "\n")
     (base / "machine-id").write_text(uuid.uuid4().hex + "\n")  # not a first boot: no presets enabling services
     _readable(opt, etc, units)
     token = etc / "credentials" / "api-token"
@@ -215,9 +229,8 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
     token.chmod(0o600)
     (etc / "credentials").chmod(0o700)
 
-    binds = [f"--bind-ro={ROOT}", f"--bind-ro={opt}:/opt/syncd", f"--bind-ro={etc}:/etc/syncd"]
-    if not site.resolve().is_relative_to(ROOT):
-        binds.append(f"--bind-ro={site.resolve()}")
+    binds = [f"--bind-ro={path}" for path in shared if not any(path.is_relative_to(p) and path != p for p in shared)]
+    binds += [f"--bind-ro={opt}:/opt/syncd", f"--bind-ro={etc}:/etc/syncd"]
     console = base / "console.log"
     command = [
         nspawn, "--quiet", "--volatile=yes", "--directory=/", "--boot", "--register=no", "--keep-unit",
@@ -245,6 +258,7 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
         )
         simulator = box.run(
             "systemd-run", "--unit=syncd-simulator", "--property=DynamicUser=yes",
+            *(f"--property={p}" for p in properties),
             "/opt/syncd/bin/syncd", "simulate-api", "--port", str(PORT), "--token", TOKEN,
         )  # fmt: skip
         assert simulator.returncode == 0, simulator.stderr
@@ -300,14 +314,20 @@ def test_start_returns_at_ready_and_the_sync_delivers(machine: Machine) -> None:
     assert started["version"] not in ("", "unknown")
     assert entry["PRIORITY"] == "6" and entry["SYSLOG_IDENTIFIER"] == "syncd"
     assert not machine.journal("-p", "err")  # a clean start has nothing at err
+    # The first start created the state database, extending the start timeout meanwhile.
+    assert machine.events("migrating_state_database") and machine.events("state_database_migrated")
 
 
 def test_the_log_recipes_of_the_guide_run_as_written(machine: Machine) -> None:
     if machine.run("sh", "-c", "command -v jq").returncode != 0:
         unavailable("jq is not installed (apt-get install jq)")
-    block = GUIDE.read_text().split("## Logs", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
-    recipes = [line.split("  #")[0].strip() for line in block.splitlines() if line.startswith("journalctl")]
-    assert len(recipes) >= 4, block
+    # Every journalctl line in the shell blocks of the guide and of README's Operations.
+    text = GUIDE.read_text() + (ROOT / "README.md").read_text()
+    blocks = [part.split("```", 1)[0] for part in text.split("```sh")[1:]]
+    recipes = [
+        line.split("  #")[0].strip() for block in blocks for line in block.splitlines() if line.startswith("journalctl")
+    ]
+    assert len(recipes) >= 7, recipes
     for recipe in recipes:
         result = machine.sh(recipe.replace(" -f ", " --no-pager "))  # -f would follow forever
         assert result.returncode == 0, f"{recipe}\n{result.stderr}"
@@ -322,9 +342,12 @@ def test_the_log_recipes_of_the_guide_run_as_written(machine: Machine) -> None:
 def test_reload_applies_a_config_and_refuses_a_broken_one_with_the_reason_at_err(machine: Machine) -> None:
     pid = machine.show("syncd", "MainPID")["MainPID"]
     config = machine.etc / "syncd.toml"
-    config.write_text(CONFIG.replace('interval = "1s"', 'interval = "2s"'))
+    # A drain longer than the unit's TimeoutStopSec=30 is applied, with a warning.
+    config.write_text('drain_timeout = "40s"\n' + CONFIG.replace('interval = "1s"', 'interval = "2s"'))
     machine.run("systemctl", "reload", "syncd", check=True)
     machine.wait_for(lambda: machine.events("config_reloaded"), "config_reloaded")
+    [(warning, entry)] = machine.wait_for(lambda: machine.events("drain_timeout_exceeds_stop_timeout"), "the warning")
+    assert (warning["drain_timeout_s"], warning["stop_timeout_s"], entry["PRIORITY"]) == (40, 30, "4")
 
     config.write_text(CONFIG + "\nnot_a_setting = 1\n")
     try:
