@@ -1,7 +1,7 @@
 """`syncd status`: where each sync stands, from the state database and a live backlog count.
 
 The JSON shape is part of the contract (DESIGN.md): `{"syncs": [{"name", "state",
-"watermark", "last_run_at", "last_error", "records_sent", "backlog", "dead_letters"}]}`.
+"watermark", "last_run_at", "last_error", "records_sent", "backlog", "dead_letters", "removed"}]}`.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def _entry(name: str, row: SyncStatus | None, backlog: int | None, *, paused: bo
             "records_sent": 0,
             "backlog": backlog,
             "dead_letters": 0,
+            "removed": 0,
         }
     return {
         "name": name,
@@ -67,6 +68,7 @@ def _entry(name: str, row: SyncStatus | None, backlog: int | None, *, paused: bo
         "records_sent": row.records_sent,
         "backlog": backlog,
         "dead_letters": row.dead_letters,
+        "removed": row.removed,
     }
 
 
@@ -75,7 +77,7 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def render_table(rows: list[dict[str, Any]]) -> str:
-    headers = ("SYNC", "STATE", "WATERMARK", "LAST RUN", "SENT", "BACKLOG", "DEAD", "LAST ERROR")
+    headers = ("SYNC", "STATE", "WATERMARK", "LAST RUN", "SENT", "BACKLOG", "DEAD", "REMOVED", "LAST ERROR")
     table = [
         (
             row["name"],
@@ -85,6 +87,7 @@ def render_table(rows: list[dict[str, Any]]) -> str:
             f"{row['records_sent']:,}",
             "?" if row["backlog"] is None else f"{row['backlog']:,}",
             str(row["dead_letters"]),
+            f"{row['removed']:,}",
             (row["last_error"] or "-")[:80],
         )
         for row in rows
