@@ -294,3 +294,35 @@ def test_the_source_is_read_in_read_only_sessions(crm):
                 conn.execute(sa.text("UPDATE contacts SET first_name = 'x'"))
     finally:
         source.dispose()
+
+
+@pytest.mark.parametrize(
+    ("model", "tables", "key", "why"),
+    [
+        ('table = "contacts"\nquery = "SELECT 1"', "", "syncs[0] (contacts)", "exactly one of table or query"),
+        ("", '[[syncs.changes]]\ntable = "rel"\nkey = "bean_id"\n', "syncs[0] (contacts).changes[0].watermark", "missing"),
+        ("", '[syncs.removed]\nmsisdn = { sent = "phone" }\n', "syncs[0] (contacts)", "'phone' is not an attribute"),
+        ("", '[syncs.removed]\nstatus = { sent = "msisdn", value = "x" }\n', "syncs[0] (contacts).removed.status", "exactly one of sent or value"),
+    ],
+)
+def test_model_config_errors_name_the_key(model, tables, key, why, tmp_path, capfd):
+    config = write_config(
+        tmp_path / "syncd.toml",
+        source_url=f"sqlite:///{tmp_path / 'crm.db'}",
+        api_url=NOWHERE,
+        state_url=f"sqlite:///{tmp_path / 'state.db'}",
+        model=model or None,
+        tables=tables,
+    )
+    assert main(["check", "-c", str(config)]) == 2
+    err = capfd.readouterr().err
+    assert key in err and why in err, err
+
+
+def test_reconcile_runs_daily_unless_configured_otherwise(tmp_path):
+    from syncd.config import load_config
+
+    config = write_config(
+        tmp_path / "syncd.toml", source_url="sqlite://", api_url=NOWHERE, state_url=f"sqlite:///{tmp_path / 's.db'}"
+    )
+    assert load_config(config).syncs[0].reconcile == "daily"
