@@ -126,3 +126,51 @@ def test_missing_table_and_column_are_named(sqlite_url):
     reader = Source("crm", SourceConfig(url=sqlite_url)).reader(sync_config(table="nope"))
     with pytest.raises(SourceError, match="table 'nope' not found"):
         list(reader.changed_rows(None, 10))
+
+
+def query_sync(query: str, **extra) -> SyncConfig:
+    return SyncConfig.model_validate(
+        {
+            "name": "contacts",
+            "source": "crm",
+            "query": query,
+            "key": "id",
+            "watermark": "updated_at",
+            "settle": "0s",
+            "datastore_id": "1466",
+            "feed_id": "1499",
+            "fields": {"firstname": "first_name", "tag": "tag"},
+            **extra,
+        }
+    )
+
+
+def test_a_query_model_is_read_as_written(source_url):
+    """Colons and percent signs in the operator's SQL are text, not parameters; the key
+    keeps its type, so stored (text) keys find their rows again."""
+    crm = Crm(source_url)
+    crm.insert([contact(i, first_name=f"{'Ann' if i % 2 else 'Bob'}{i}") for i in range(1, 7)])
+    query = "SELECT id, first_name, updated_at, 'at 10:30 :x 100%' AS tag FROM contacts WHERE first_name LIKE 'A%'"
+    reader = Source("crm", SourceConfig(url=source_url)).reader(query_sync(query))
+    rows = read_all(reader)
+    assert [row[0] for row in rows] == [1, 3, 5]
+    assert {row[reader.sync.columns.index("tag")] for row in rows} == {"at 10:30 :x 100%"}
+    assert [row[0] for rows in reader.rows_by_keys(["3", "4", "5"]) for row in rows] == [3, 5]
+    assert [row[0] for row in read_all(reader, reader.position(rows[0]))] == [3, 5]
+    reader.source.dispose()
+    crm.dispose()
+
+
+def test_the_filter_is_a_condition_or_a_verdict(source_url):
+    crm = Crm(source_url, deleted=True)
+    crm.insert([contact(i, deleted=int(i in (2, 4))) for i in range(1, 6)])
+    sync = sync_config().model_copy(update={"filter": "deleted = 0"})
+    reader = Source("crm", SourceConfig(url=source_url)).reader(sync)
+    assert [row[0] for row in read_all(reader)] == [1, 3, 5]  # previews and lookups: the model's rows only
+    every = [row for rows in reader.changed_rows(None, 100, membership=True) for row in rows]
+    members, outside = reader.split(every)
+    assert [row[0] for row in members] == [1, 3, 5] and outside == ["2", "4"]
+    assert [row[0] for rows in reader.rows_by_keys(["1", "2"]) for row in rows] == [1]
+    assert reader.existing_keys(["1", "2", "99"]) == {"1", "2"}
+    reader.source.dispose()
+    crm.dispose()
