@@ -346,6 +346,18 @@ class SyncConfig(_Model):
             )
         return self
 
+    @field_validator("changes")
+    @classmethod
+    def _one_cursor_per_feed(cls, value: list[ChangeFeed]) -> list[ChangeFeed]:
+        ids = [feed.feed_id for feed in value]
+        repeated = sorted({feed for feed in ids if ids.count(feed) > 1})
+        if repeated:
+            raise ValueError(
+                f"{repeated[0]!r} is read by more than one feed; each feed keeps its own cursor: "
+                "give it one feed (combine the filters with OR) or use a query"
+            )
+        return value
+
     @property
     def sent_attributes(self) -> tuple[str, ...]:
         """Attributes of each acknowledged record kept for `[syncs.removed]` (none without it)."""

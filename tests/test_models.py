@@ -265,6 +265,12 @@ def test_check_names_a_failing_query_and_a_bad_filter(suite, tmp_path, capfd):
     (error,) = [line for line in capfd.readouterr().out.splitlines() if line.startswith("error")]
     assert "sync contacts" in error and "filter" in error and "no_such_column" in error
 
+    feed = '[[syncs.changes]]\ntable = "email_addr_bean_rel"\nkey = "bean_id"\nwatermark = "modified"\n'
+    config = config_for(suite, api, state, tmp_path, tables=feed)
+    assert main(["check", "-c", str(config)]) == 1
+    (error,) = [line for line in capfd.readouterr().out.splitlines() if line.startswith("error")]
+    assert "sync contacts" in error and "changes (email_addr_bean_rel)" in error and "'modified' not found" in error
+
 
 def test_a_query_that_is_not_one_select_is_a_config_error(tmp_path, capfd):
     for query, why in (
@@ -302,6 +308,12 @@ def test_the_source_is_read_in_read_only_sessions(crm):
         ('table = "contacts"\nquery = "SELECT 1"', "", "syncs[0] (contacts)", "exactly one of table or query"),
         ("", '[[syncs.changes]]\ntable = "rel"\nkey = "bean_id"\n', "syncs[0] (contacts).changes[0].watermark", "missing"),
         ("", '[syncs.removed]\nmsisdn = { sent = "phone" }\n', "syncs[0] (contacts)", "'phone' is not an attribute"),
+        (
+            "",
+            '[[syncs.changes]]\ntable = "rel"\nkey = "a"\nwatermark = "b"\n[[syncs.changes]]\ntable = "rel"\nkey = "a"\nwatermark = "b"\n',
+            "syncs[0] (contacts).changes",
+            "'rel' is read by more than one feed",
+        ),
         ("", '[syncs.removed]\nstatus = { sent = "msisdn", value = "x" }\n', "syncs[0] (contacts).removed.status", "exactly one of sent or value"),
     ],
 )
