@@ -109,6 +109,7 @@ def test_editing_only_a_related_table_pushes_exactly_the_touched_contacts(suite,
 
     suite.change_email(4, "after4@example.com")  # email_addresses only
     suite.unlink_email(7)  # email_addr_bean_rel only
+    suite.link_email(99, "nobody@example.com")  # names a key the model does not have
     assert once(config) == 0
 
     assert pushed_records(api) == 12
@@ -120,6 +121,7 @@ def test_editing_only_a_related_table_pushes_exactly_the_touched_contacts(suite,
 
     state = StateStore(state_url)
     assert state.feed_cursor("contacts", "email_addr_bean_rel") is not None
+    assert state.removals("contacts") == {}  # key 99 was never sent: it did not leave anything
 
 
 def test_a_feed_cursor_stays_until_its_keys_are_acknowledged(suite, api, state_url, tmp_path):  # noqa: F811
