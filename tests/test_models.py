@@ -175,11 +175,13 @@ def test_soft_deleted_rows_are_never_sent_and_sent_ones_are_removed(suite, api, 
 
     with suite.engine.begin() as conn:  # a hard delete: only reconcile can tell
         conn.execute(suite.table.delete().where(suite.table.c.id == 5))
+    suite.update([6], bump=False, deleted=1)  # so can it tell a soft delete that left the watermark alone
     capsys.readouterr()
     assert main(["reconcile", "-c", str(config)]) == 0
-    assert pushed_records(api) == 10
-    assert state.removals("contacts")["5"][1] == "not in the model"
-    assert status_json(config, capsys)["removed"] == 1
+    assert pushed_records(api) == 11
+    assert {key: why for key, (_, why) in state.removals("contacts").items()} == {"5": "not in the model", "6": "filter"}
+    assert status_json(config, capsys)["removed"] == 2
+    wait_for(lambda: stored(api).get(phone(5), {}).get("status") == "unsubscribed", what="the removal of 5 to land")
 
 
 def test_removals_without_a_removed_record_are_recorded_only(suite, api, state_url, tmp_path, capsys):  # noqa: F811
