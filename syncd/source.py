@@ -352,6 +352,7 @@ class TableReader:
     def _columns(self) -> list[sa.ColumnElement[Any]]:
         if self._provisional:  # a SQLite query model that was empty: look at its values again
             self._table = None
+            self.__dict__.pop("watermark_index", None)  # it follows the watermark's type
         table = self.table
         missing = [name for name in self.sync.columns if name not in table.c]
         if missing:

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 
 from syncd.config import SourceConfig, SyncConfig
 from syncd.source import Source, SourceError
+from syncd.state import Cursor
 
 from .crm import Crm, contact, write_config
 from .test_pipeline import api, once, pushed_records, state_url, stored  # noqa: F401  (fixtures)
@@ -174,3 +175,19 @@ def test_the_filter_is_a_condition_or_a_verdict(source_url):
     assert reader.existing_keys(["1", "2", "99"]) == {"1", "2"}
     reader.source.dispose()
     crm.dispose()
+
+
+def test_a_sqlite_query_model_that_starts_empty_learns_its_types_from_its_first_rows(sqlite_url):
+    engine = sa.create_engine(sqlite_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE people (id INTEGER PRIMARY KEY, first_name TEXT, version INTEGER NOT NULL)"))
+    sync = query_sync("SELECT id, first_name, version AS updated_at, 'x' AS tag FROM people")
+    reader = Source("crm", SourceConfig(url=sqlite_url)).reader(sync)
+    assert read_all(reader) == []
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO people VALUES (1, 'a', 7), (2, 'b', 3)"))
+    rows = read_all(reader)
+    assert [row[0] for row in rows] == [2, 1]  # ordered by the integer version
+    assert reader.position(rows[-1]) == Cursor(7, 1)
+    reader.source.dispose()
+    engine.dispose()
