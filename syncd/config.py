@@ -207,7 +207,9 @@ def _read_only_select(value: str | None) -> str | None:
         return value
     import sqlparse
 
-    statements = [s for s in sqlparse.parse(value) if str(s).strip(" \t\r\n;")]
+    # Without comments: a trailing `-- ...` would swallow the `)` that wraps the query.
+    text = sqlparse.format(value, strip_comments=True)
+    statements = [s for s in sqlparse.parse(text) if str(s).strip(" \t\r\n;")]
     if len(statements) != 1:
         raise ValueError(f"must be one SELECT statement, not {len(statements)}")
     kind = statements[0].get_type()

@@ -147,11 +147,12 @@ def query_sync(query: str, **extra) -> SyncConfig:
 
 
 def test_a_query_model_is_read_as_written(source_url):
-    """Colons and percent signs in the operator's SQL are text, not parameters; the key
-    keeps its type, so stored (text) keys find their rows again."""
+    """Colons and percent signs in the operator's SQL are text, not parameters, and a trailing
+    comment does not swallow the wrapping; the key keeps its type, so stored (text) keys
+    find their rows again."""
     crm = Crm(source_url)
     crm.insert([contact(i, first_name=f"{'Ann' if i % 2 else 'Bob'}{i}") for i in range(1, 7)])
-    query = "SELECT id, first_name, updated_at, 'at 10:30 :x 100%' AS tag FROM contacts WHERE first_name LIKE 'A%'"
+    query = "SELECT id, first_name, updated_at, 'at 10:30 :x 100%' AS tag FROM contacts WHERE first_name LIKE 'A%' -- the A's"
     reader = Source("crm", SourceConfig(url=source_url)).reader(query_sync(query))
     rows = read_all(reader)
     assert [row[0] for row in rows] == [1, 3, 5]
