@@ -157,7 +157,7 @@ class SyncRunner:
         self._auth_retry_at = 0.0
         self._auth_backoff = AUTH_BACKOFF_START
         self._has_removals = False  # whether acknowledged keys may end a recorded removal
-        self._duplicates_possible = True  # until the model is known to have a unique key
+        self._duplicates_possible: bool | None = None  # None: not known yet (then they are looked for)
 
     # -- entry points
 
@@ -185,10 +185,16 @@ class SyncRunner:
             # by `syncd check`, and at run time by the duplicate-key lookups.
             for problem in self.reader.problems(probe_data=False):
                 getattr(log, problem.severity)("schema_problem", problem=problem.message)
+            self._learn_key_uniqueness()
+
+    def _learn_key_uniqueness(self) -> None:
+        """Whether the database vouches for one row per key (a table's unique key), so no
+        batch needs to ask the model for duplicates. Asked again while the source is down."""
+        if self._duplicates_possible is None:
             try:
                 self._duplicates_possible = not self.reader.key_is_unique
             except (SourceError, sa.exc.DBAPIError):
-                self._duplicates_possible = True
+                pass
 
     def retry_keys(self, keys: list[str]) -> CycleReport:
         """Push the current rows of these keys (`dead-letters retry`); the watermark stays."""
@@ -251,6 +257,7 @@ class SyncRunner:
             return
         if not self._schema_checked:
             self.warm_up()
+        self._learn_key_uniqueness()
         if not self.state.acquire_lease(self.sync.name, self.lease):
             owner, until = self.state.lease_holder(self.sync.name)
             held = f" (lease until {until:%H:%M:%S} UTC)" if until else ""
@@ -454,7 +461,7 @@ class SyncRunner:
         `outside`: keys of rows that fail the filter (removed if they were ever acknowledged).
         """
         batch = _Batch(cursor=cursor, rows=rows)
-        if self._duplicates_possible:
+        if self._duplicates_possible is not False:
             mapped, outside = self._without_duplicates(batch, mapped, outside)
         batch.dead_letters.extend(
             DeadLetter(key=key, reason=f"invalid row: {reason}", payload=row) for key, reason, row in mapped.rejected
