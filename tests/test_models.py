@@ -342,3 +342,26 @@ def test_reconcile_runs_daily_unless_configured_otherwise(tmp_path):
         tmp_path / "syncd.toml", source_url="sqlite://", api_url=NOWHERE, state_url=f"sqlite:///{tmp_path / 's.db'}"
     )
     assert load_config(config).syncs[0].reconcile == "daily"
+
+
+def test_a_failing_query_or_filter_fails_the_run_and_pushes_nothing(sqlite_url, api, state_url, tmp_path, capsys):  # noqa: F811
+    crm = Crm(sqlite_url, deleted=True)
+    crm.insert([contact(i) for i in range(1, 4)])
+    for model, extra in (
+        ('query = "SELECT id, phone, updated_at FROM no_such_table"', ""),
+        (None, 'filter = "no_such_column = 0"'),
+    ):
+        config = write_config(
+            tmp_path / "syncd.toml",
+            source_url=sqlite_url,
+            api_url=api.url,
+            state_url=state_url,
+            model=model,
+            extra_sync=extra,
+            fields='msisdn = "phone"',
+        )
+        assert once(config) == 1
+        out = capsys.readouterr().out
+        assert "failing" in out and ("no_such_table" in out or "no_such_column" in out), out
+    assert api.requests() == []
+    crm.dispose()
