@@ -839,6 +839,8 @@ def _postgres_type(name: str) -> sa.types.TypeEngine[Any]:
         return sa.BigInteger()
     if name == "numeric":
         return sa.Numeric()
+    if name == "uuid":  # stored keys come back as text: compare them as uuids, not as varchar
+        return sa.Uuid()
     return sa.String()
 
 

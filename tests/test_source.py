@@ -192,3 +192,21 @@ def test_a_sqlite_query_model_that_starts_empty_learns_its_types_from_its_first_
     assert reader.position(rows[-1]) == Cursor(7, 1)
     reader.source.dispose()
     engine.dispose()
+
+
+def test_a_query_model_with_uuid_keys_finds_stored_keys(postgres_url):
+    engine = sa.create_engine(postgres_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE people (id uuid PRIMARY KEY, first_name text, updated_at timestamp NOT NULL)"))
+        conn.execute(
+            sa.text(
+                "INSERT INTO people VALUES ('6f1b3c1e-0000-4000-8000-000000000001', 'a', now() - interval '1 minute'),"
+                " ('6f1b3c1e-0000-4000-8000-000000000002', 'b', now() - interval '1 minute')"
+            )
+        )
+    reader = Source("crm", SourceConfig(url=postgres_url)).reader(query_sync("SELECT id, first_name, updated_at, '' AS tag FROM people"))
+    rows = [row for rows in reader.rows_by_keys(["6f1b3c1e-0000-4000-8000-000000000002", "not-a-uuid"]) for row in rows]
+    assert [row[reader.sync.columns.index("first_name")] for row in rows] == ["b"]
+    assert reader.existing_keys(["6f1b3c1e-0000-4000-8000-000000000001"]) == {"6f1b3c1e-0000-4000-8000-000000000001"}
+    reader.source.dispose()
+    engine.dispose()
