@@ -1,9 +1,11 @@
 """`syncd check`: everything that can be verified before the first cycle runs.
 
 Config validity is checked by loading it; this module checks what the config points at:
-the state database, the token file, each source, each sync's table against the live
-schema (columns, unique key, watermark type and nullability, the keyset index), and the
-API itself (`probe_api`: reachable, and does it take the key), without sending a record.
+the state database, the token file, each source, each sync's model against the live
+schema (columns, watermark type, the filter and the query as the database runs them, the
+change feeds), and the API itself (`probe_api`: reachable, and does it take the key),
+without sending a record. A table's constraints vouch for its key (unique) and watermark
+(NOT NULL, indexed); a view or a query has none, so its key and watermark are checked by data.
 """
 
 from __future__ import annotations
@@ -57,7 +59,9 @@ def run_checks(config: Config, path: Path) -> Iterator[CheckLine]:
             for problem in problems:
                 yield CheckLine(problem.severity, f"sync {sync.name}", problem.message)
             if not any(p.severity == "error" for p in problems):
-                yield CheckLine("ok", f"sync {sync.name}", f"table {sync.table}: {len(sync.columns)} column(s) found")
+                model = f"table {sync.table}" if sync.table is not None else "query"
+                feeds = f", {len(sync.changes)} change feed(s)" if sync.changes else ""
+                yield CheckLine("ok", f"sync {sync.name}", f"{model}: {len(sync.columns)} column(s) found{feeds}")
         source.dispose()
 
 

@@ -37,6 +37,9 @@ __all__ = [
     "ApiConfig",
     "Config",
     "ConfigError",
+    "ChangeFeed",
+    "FieldSpec",
+    "RemovedField",
     "SecretFileError",
     "SourceConfig",
     "SyncConfig",
@@ -193,16 +196,105 @@ def _field_spec(value: Any) -> Any:
     return {"column": value} if isinstance(value, str) else value
 
 
-class SyncConfig(_Strict):
-    name: str = Field(pattern=_NAME)
-    source: str
-    table: str
+def _read_only_select(value: str | None) -> str | None:
+    """A `query` must be one SELECT (or WITH ... SELECT) statement; a trailing `;` is dropped.
+
+    syncd wraps it as a subquery and reads it in a read-only transaction; this check
+    names what the config alone shows to be wrong, before any database is asked.
+    """
+    if value is None:
+        return value
+    import sqlparse
+
+    # Without comments: a trailing `-- ...` would swallow the `)` that wraps the query.
+    text = sqlparse.format(value, strip_comments=True)
+    statements = [s for s in sqlparse.parse(text) if str(s).strip(" \t\r\n;")]
+    if len(statements) != 1:
+        raise ValueError(f"must be one SELECT statement, not {len(statements)}")
+    kind = statements[0].get_type()
+    if kind != "SELECT":
+        raise ValueError(f"must be a read-only SELECT (or WITH ... SELECT), not {kind.lower()}")
+    return str(statements[0]).strip().rstrip(";").strip()
+
+
+def _some_sql(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise ValueError("is empty")
+    return value
+
+
+class _Model(_Strict):
+    """What a sync or a change feed reads: a table (or view), or a read-only SELECT."""
+
+    table: str | None = None  # may be schema-qualified; a table or a view
+    query: str | None = None  # a read-only SELECT, read as `SELECT ... FROM (<query>) AS m`
     key: str
     watermark: str
+    filter: str | None = None  # SQL condition over the model's columns, as the operator wrote it
+
+    @field_validator("query")
+    @classmethod
+    def _select_only(cls, value: str | None) -> str | None:
+        return _read_only_select(value)
+
+    @field_validator("filter")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        return _some_sql(value)
+
+    @model_validator(mode="after")
+    def _table_or_query(self) -> Any:
+        if (self.table is None) == (self.query is None):
+            raise ValueError("give exactly one of table or query")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        """How messages name the model: the table, or `query`."""
+        return self.table if self.table is not None else "query"
+
+
+class ChangeFeed(_Model):
+    """`[[syncs.changes]]`: another table whose changes touch rows of the sync's model.
+
+    `key` is its column holding the model's key, `watermark` its own, read with its own
+    keyset cursor.
+    """
+
+    @property
+    def feed_id(self) -> str:
+        """Names the feed's cursor in the state: its table, or a digest of its query."""
+        if self.table is not None:
+            return self.table
+        import hashlib
+
+        return "query:" + hashlib.sha256(self.query.encode()).hexdigest()[:12]  # type: ignore[union-attr]
+
+
+class RemovedField(_Strict):
+    """An attribute of the record pushed when a key leaves the model."""
+
+    sent: str | None = None  # an attribute of the record last acknowledged for that key
+    value: str | int | float | bool | None = None  # a constant
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> RemovedField:
+        if (self.sent is None) == (self.value is None):
+            raise ValueError("give exactly one of sent or value")
+        return self
+
+
+def _removed_field(value: Any) -> Any:
+    return {"value": value} if isinstance(value, (str, int, float, bool)) else value
+
+
+class SyncConfig(_Model):
+    name: str = Field(pattern=_NAME)
+    source: str
     interval: Duration | None = None
     cron: str | None = None
     settle: Duration = timedelta(seconds=2)
-    reconcile: str = "off"  # "off" | "hourly" | "daily" | a cron expression
+    reconcile: str = "daily"  # "off" | "hourly" | "daily" | a cron expression
     datastore_id: str
     feed_id: str
     paused: bool = False
@@ -210,6 +302,8 @@ class SyncConfig(_Strict):
     # child process, so a backfill uses a second core; 0 keeps every cycle in one process.
     offload_after: int = Field(50_000, ge=0)
     fields: dict[str, Annotated[FieldSpec, BeforeValidator(_field_spec)]]
+    changes: list[ChangeFeed] = Field(default_factory=list)
+    removed: dict[str, Annotated[RemovedField, BeforeValidator(_removed_field)]] | None = None
 
     @field_validator("datastore_id", "feed_id", mode="before")
     @classmethod
@@ -235,6 +329,40 @@ class SyncConfig(_Strict):
         except ValueError as error:
             raise ValueError(f"{value!r} is not a cron expression: {error}") from None
         return value
+
+    @field_validator("removed")
+    @classmethod
+    def _some_removed(cls, value: dict[str, RemovedField] | None) -> dict[str, RemovedField] | None:
+        if value is not None and not value:
+            raise ValueError("give at least one attribute of the record to push, or leave the table out")
+        return value
+
+    @model_validator(mode="after")
+    def _removed_reads_fields(self) -> SyncConfig:
+        unknown = [f.sent for f in (self.removed or {}).values() if f.sent is not None and f.sent not in self.fields]
+        if unknown:
+            raise ValueError(
+                f"removed: sent = {unknown[0]!r} is not an attribute in [syncs.fields] "
+                f"({', '.join(self.fields)})"
+            )
+        return self
+
+    @field_validator("changes")
+    @classmethod
+    def _one_cursor_per_feed(cls, value: list[ChangeFeed]) -> list[ChangeFeed]:
+        ids = [feed.feed_id for feed in value]
+        repeated = sorted({feed for feed in ids if ids.count(feed) > 1})
+        if repeated:
+            raise ValueError(
+                f"{repeated[0]!r} is read by more than one feed; each feed keeps its own cursor: "
+                "give it one feed (combine the filters with OR) or use a query"
+            )
+        return value
+
+    @property
+    def sent_attributes(self) -> tuple[str, ...]:
+        """Attributes of each acknowledged record kept for `[syncs.removed]` (none without it)."""
+        return tuple(dict.fromkeys(f.sent for f in (self.removed or {}).values() if f.sent is not None))
 
     @model_validator(mode="after")
     def _one_schedule(self) -> SyncConfig:

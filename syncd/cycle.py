@@ -9,7 +9,13 @@ rules between them (DESIGN.md §2, §3, §6):
   one cycle a key appears once, and cycles of one sync never overlap, so two versions of
   one key are never in flight together;
 - a row that fails local validation, or that the API rejects on its own, becomes a dead
-  letter and the feed moves on.
+  letter and the feed moves on;
+- a key the model holds twice is a dead letter, and neither row is sent;
+- a key that was acknowledged and has left the model (its row fails the filter, or is
+  gone) is recorded as removed, and its `[syncs.removed]` record pushed if there is one;
+- change feeds come after the model's own changes: the keys they name are re-read from
+  the model and handled like changed rows, one feed batch at a time, and a feed's cursor
+  commits with the batches that carried its keys.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import hashlib
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -72,6 +78,7 @@ class CycleReport:
     bound: Any = None
     settled: Any = None  # the source's now minus settle, even when an open transaction holds `bound` back
     backlog: int | None = None
+    removed: int = 0  # keys that left the model in this cycle
     error: str | None = None
     last_trans_id: str | None = None  # of the newest ACK (every one is in the state database)
     offloaded_after: int | None = None  # rows read in-process before a child process took over
@@ -99,6 +106,7 @@ class CycleReport:
             "sent": self.sent,
             "batches": self.batches,
             "dead_lettered": self.dead_lettered,
+            **({"removed": self.removed} if self.removed else {}),
             "duration_s": round(self.duration_s, 3),
             "watermark": display_value(self.watermark),
             "backlog": self.backlog,
@@ -122,6 +130,11 @@ class _Batch:
     refreshed: list[tuple[str, bytes]] = field(default_factory=list)  # unchanged payload, new fingerprint
     dead_letters: list[DeadLetter] = field(default_factory=list)
     rows: int = 0
+    removing: dict[str, str] = field(default_factory=dict)  # keys in `keys` whose record is a removal → why
+    gone: list[tuple[str, str]] = field(default_factory=list)  # removals recorded without a push
+    sent: dict[str, str] = field(default_factory=dict)  # key → attributes kept for `[syncs.removed]` (JSON)
+    feed: tuple[str, Cursor] | None = None  # a change feed's position, committed with this batch
+    barrier: bool = False  # answer and commit everything before reading on
 
 
 class SyncRunner:
@@ -160,6 +173,8 @@ class SyncRunner:
         self._lease_renewed = 0.0  # a pass over unchanged rows writes only to renew its lease
         self._auth_retry_at = 0.0
         self._auth_backoff = AUTH_BACKOFF_START
+        self._has_removals = False  # whether acknowledged keys may end a recorded removal
+        self._duplicates_possible: bool | None = None  # None: not known yet (then they are looked for)
 
     # -- entry points
 
@@ -183,8 +198,20 @@ class SyncRunner:
         """
         self._schema_checked = True
         with structlog.contextvars.bound_contextvars(sync=self.sync.name):
-            for problem in self.reader.problems():  # a missing index, a nullable watermark...
+            # A missing index, a nullable watermark...; views and queries are checked by data
+            # by `syncd check`, and at run time by the duplicate-key lookups.
+            for problem in self.reader.problems(probe_data=False):
                 getattr(log, problem.severity)("schema_problem", problem=problem.message)
+            self._learn_key_uniqueness()
+
+    def _learn_key_uniqueness(self) -> None:
+        """Whether the database vouches for one row per key (a table's unique key), so no
+        batch needs to ask the model for duplicates. Asked again while the source is down."""
+        if self._duplicates_possible is None:
+            try:
+                self._duplicates_possible = not self.reader.key_is_unique
+            except (SourceError, sa.exc.DBAPIError):
+                pass
 
     def retry_keys(self, keys: list[str]) -> CycleReport:
         """Push the current rows of these keys (`dead-letters retry`); the watermark stays."""
@@ -247,6 +274,7 @@ class SyncRunner:
             return
         if not self._schema_checked:
             self.warm_up()
+        self._learn_key_uniqueness()
         if not self.state.acquire_lease(self.sync.name, self.lease):
             owner, until = self.state.lease_holder(self.sync.name)
             held = f" (lease until {until:%H:%M:%S} UTC)" if until else ""
@@ -254,6 +282,7 @@ class SyncRunner:
             return
         deliverer = Deliverer(self.client, self.api, kind=report.kind, should_stop=self.should_stop)
         open_letters = self.state.open_dead_letter_count(self.sync.name) > 0
+        self._has_removals = self.state.removal_count(self.sync.name) > 0
         # A first backfill has nothing to compare with: skip the per-batch digest lookups.
         self._compare = self.state.has_digests(self.sync.name)
         if not self._compare:  # everything stored from here on is taken under this mapping
@@ -268,6 +297,10 @@ class SyncRunner:
                     full = len(pending) >= self.api.max_in_flight
                     if full or pending[0][0].done():
                         self._settle(report, _answered(pending, wait_for_one=full), failed, open_letters, committer)
+                    if batch.barrier:  # what comes next compares with what this committed
+                        while pending and not failed:
+                            self._settle(report, _answered(pending, wait_for_one=True), failed, open_letters, committer)
+                        committer.flush()
                     if failed or self.should_stop():
                         break
             finally:
@@ -293,7 +326,7 @@ class SyncRunner:
         handed_over = False
         read = 0
         size = self.api.max_batch_records
-        in_process = self.reader.changed_rows(cursor, size, on_bound)
+        in_process = self.reader.changed_rows(cursor, size, on_bound, membership=True)
         try:
             for rows in in_process:
                 batch = self._prepare(rows, cursor=self.reader.position(rows[-1]))
@@ -315,13 +348,37 @@ class SyncRunner:
             in_process.close()  # ends its read transaction before the child starts its own
             if offload is not None and not handed_over:
                 offload.close()
-        if offload is None or not handed_over:
-            return
-        report.offloaded_after = read
-        with offload:
-            results = offload.batches(cursor, bounds[0])
-            for position, rows_read, mapped in prefetched(results, depth=OFFLOAD_AHEAD):
-                yield self._select(mapped, rows=rows_read, cursor=position)
+        if offload is not None and handed_over:
+            report.offloaded_after = read
+            with offload:
+                results = offload.batches(cursor, bounds[0])
+                for position, rows_read, mapped, outside in prefetched(results, depth=OFFLOAD_AHEAD):
+                    yield self._select(mapped, rows=rows_read, cursor=position, outside=outside)
+        if self.reader.feeds:
+            yield from self._feed_changes()
+
+    def _feed_changes(self) -> Iterator[_Batch]:
+        """The keys each change feed names since its cursor, re-read from the model.
+
+        Each feed batch waits for the one before to be answered and committed: a key may
+        come up again in the next one, and its digest must be there to compare with.
+        """
+        yield _Batch(cursor=None, barrier=True)  # the model's changes are in; so are their digests
+        self._compare = True  # a first backfill has stored its digests now
+        for feed, reader in self.reader.feeds:
+            cursor = self.state.feed_cursor(self.sync.name, feed.feed_id)
+            for rows in reader.changed_rows(cursor, self.api.max_batch_records):
+                keys = list(dict.fromkeys(key_text(row[0]) for row in rows if row[0] is not None))
+                found: set[str] = set()
+                for model_rows in self.reader.rows_by_keys(keys, membership=True) if keys else ():
+                    found.update(key_text(row[0]) for row in model_rows)
+                    yield self._prepare(model_rows, cursor=None)
+                last = _Batch(cursor=None, feed=(feed.feed_id, reader.position(rows[-1])), barrier=True)
+                missing = [key for key in keys if key not in found]
+                if missing:  # a key the model does not have: nothing, unless it was sent before
+                    known = self.state.known_digests(self.sync.name, missing)
+                    self._leave(last, [key for key in missing if key in known], "not in the model")
+                yield last
 
     def _start_offload(self, cursor: Cursor | None) -> Offload | None:
         """A child process to read and map the rest of this cycle, when more than `offload_after` rows wait.
@@ -356,47 +413,77 @@ class SyncRunner:
         if fast and self.reader.source_hash_index is not None:
             # The server fingerprints the rows: read keys and fingerprints only, in big
             # chunks, then the full rows of just the stale keys.
-            for pairs in prefetched(self.reader.fingerprints(FINGERPRINT_ROWS)):
-                keys = [key_text(key) for key, _ in pairs]
+            filtered = self.reader.has_membership()
+            for found in prefetched(self.reader.fingerprints(FINGERPRINT_ROWS, membership=filtered)):
+                outside = [key_text(item[0]) for item in found if not item[-1]] if filtered else []
+                pairs = [item for item in found if item[-1]] if outside else found
+                keys = [key_text(item[0]) for item in pairs]
                 stored = self.state.known_source_hashes(name, keys)
-                stale = [key for key, (_, source) in zip(keys, pairs, strict=True) if stored.get(key) != source]
+                stale = [key for key, item in zip(keys, pairs, strict=True) if stored.get(key) != item[1]]
                 stale_keys = set(stale)
-                yield _Batch(cursor=None, rows=len(keys) - len(stale), unchanged_keys=[k for k in keys if k not in stale_keys])
-                for rows in self.reader.rows_by_keys(stale) if stale else ():
+                batch = _Batch(cursor=None, rows=len(found) - len(stale), unchanged_keys=[k for k in keys if k not in stale_keys])
+                self._left_filter(batch, outside)
+                yield batch
+                for rows in self.reader.rows_by_keys(stale, membership=True) if stale else ():
                     yield self._prepare(rows, cursor=None, refresh=True)
         else:
             hash_of = self.reader.source_hash
-            for rows in self.reader.all_rows(size):
+            for read in self.reader.all_rows(size, membership=True):
                 if not fast:
-                    yield self._prepare(rows, cursor=None, refresh=True)
+                    yield self._prepare(read, cursor=None, refresh=True)
                     continue
+                rows, outside = self.reader.split(read)
                 keys = [key_text(row[0]) for row in rows]
                 stored = self.state.known_source_hashes(name, keys)
                 stale = [row for key, row in zip(keys, rows, strict=True) if stored.get(key) != hash_of(row)]
                 batch = self._prepare(stale, cursor=None, refresh=True) if stale else _Batch(cursor=None)
                 stale_keys = {key_text(row[0]) for row in stale}
-                batch.rows = len(rows)
+                batch.rows = len(read)
                 batch.unchanged_keys.extend(key for key in keys if key not in stale_keys)
+                self._left_filter(batch, outside)
+                yield batch
+        # Keys acknowledged once that the model no longer has at all.
+        yield _Batch(cursor=None, barrier=True)
+        for keys in self.state.digest_keys(name, FINGERPRINT_ROWS):
+            present = self.reader.existing_keys(keys)
+            missing = [key for key in keys if key not in present]
+            if missing:
+                batch = _Batch(cursor=None)
+                self._leave(batch, missing, "not in the model")
                 yield batch
         self._pass_complete = True
 
     def _keyed(self, keys: list[str]) -> Iterator[_Batch]:
-        for rows in self.reader.rows_by_keys(keys):
+        for rows in self.reader.rows_by_keys(keys, membership=True):
             yield self._prepare(rows, cursor=None)
 
-    def _prepare(self, rows: Sequence[Sequence[Any]], *, cursor: Cursor | None, refresh: bool = False) -> _Batch:
+    def _prepare(self, read: Sequence[Sequence[Any]], *, cursor: Cursor | None, refresh: bool = False) -> _Batch:
+        """Map rows read with `membership=True`; rows that fail the filter are not mapped."""
+        rows, outside = self.reader.split(read)
         mapped = map_rows(rows, self.mapping, target=self._target, source_hash=self.reader.source_hash)
-        return self._select(mapped, rows=len(rows), cursor=cursor, refresh=refresh)
+        return self._select(mapped, rows=len(read), cursor=cursor, refresh=refresh, outside=outside)
 
-    def _select(self, mapped: MappedRows, *, rows: int, cursor: Cursor | None, refresh: bool = False) -> _Batch:
+    def _select(
+        self,
+        mapped: MappedRows,
+        *,
+        rows: int,
+        cursor: Cursor | None,
+        refresh: bool = False,
+        outside: Sequence[str] = (),
+    ) -> _Batch:
         """Keep the records whose payload differs from the last acknowledged one.
 
         `refresh`: also note new source fingerprints of rows whose payload is unchanged.
+        `outside`: keys of rows that fail the filter (removed if they were ever acknowledged).
         """
         batch = _Batch(cursor=cursor, rows=rows)
-        batch.dead_letters = [
+        if self._duplicates_possible is not False:
+            mapped, outside = self._without_duplicates(batch, mapped, outside)
+        batch.dead_letters.extend(
             DeadLetter(key=key, reason=f"invalid row: {reason}", payload=row) for key, reason, row in mapped.rejected
-        ]
+        )
+        self._left_filter(batch, outside)
         if not self._compare:  # a first backfill: everything is new
             batch.keys, batch.encoded, batch.digests, batch.sources = (
                 mapped.keys,
@@ -404,6 +491,7 @@ class SyncRunner:
                 mapped.digests,
                 mapped.sources,
             )
+            self._keep_sent(batch)
             return batch
         known = self.state.known_digests(self.sync.name, mapped.keys)
         sources = self.state.known_source_hashes(self.sync.name, mapped.keys) if refresh else {}
@@ -417,7 +505,89 @@ class SyncRunner:
                 batch.encoded.append(encoded)
                 batch.digests.append(digest)
                 batch.sources.append(source)
+        self._keep_sent(batch)
         return batch
+
+    def _without_duplicates(
+        self, batch: _Batch, mapped: MappedRows, outside: Sequence[str]
+    ) -> tuple[MappedRows, Sequence[str]]:
+        """Dead-letter keys the model holds more than once; neither row is sent.
+
+        Sending one of them would flip the datastore between the rows from one pass to
+        the next. The model is asked about every key of the batch, so a second row that
+        sorts far away (another watermark, another batch) is found as well.
+        """
+        keys = [*mapped.keys, *(key for key, _, _ in mapped.rejected), *outside]
+        counts = {key: n for key, n in Counter(keys).items() if n > 1}
+        if keys:
+            counts.update(self.reader.duplicate_keys(keys))
+        if not counts:
+            return mapped, outside
+        for key, n in counts.items():
+            log.error("duplicate_key", key=key, rows=n, action="fix the model so that it has one row per key")
+            batch.dead_letters.append(DeadLetter(key=key, reason=f"duplicate key in model: {n} rows have key {key}"))
+        kept = MappedRows(rejected=[item for item in mapped.rejected if item[0] not in counts])
+        for key, encoded, digest, source in zip(mapped.keys, mapped.encoded, mapped.digests, mapped.sources, strict=True):
+            if key not in counts:
+                kept.keys.append(key)
+                kept.encoded.append(encoded)
+                kept.digests.append(digest)
+                kept.sources.append(source)
+        return kept, [key for key in outside if key not in counts]
+
+    def _left_filter(self, batch: _Batch, outside: Sequence[str]) -> None:
+        """Rows that fail the filter: a key acknowledged before has left the model."""
+        if outside and self._compare:  # before the first ACK nothing can have left
+            known = self.state.known_digests(self.sync.name, list(outside))
+            self._leave(batch, [key for key in outside if key in known], "filter")
+
+    def _leave(self, batch: _Batch, keys: Sequence[str], why: str) -> None:
+        """Record these keys' removal with `batch`: after its `[syncs.removed]` record's ACK, if any."""
+        if not keys:
+            return
+        removed = self.sync.removed
+        if removed is None:
+            batch.gone.extend((key, why) for key in keys)
+            return
+        last_sent = self.state.sent_attributes(self.sync.name, list(keys))
+        for key in keys:
+            kept = last_sent.get(key, {})
+            record: dict[str, Any] = {}
+            missing = []
+            for attribute, spec in removed.items():
+                if spec.value is not None:
+                    record[attribute] = spec.value
+                elif spec.sent in kept:
+                    record[attribute] = kept[spec.sent]
+                else:
+                    missing.append(spec.sent)
+            if missing:  # acknowledged before [syncs.removed] was configured, or never carried it
+                batch.gone.append((key, why))
+                batch.dead_letters.append(
+                    DeadLetter(
+                        key=key,
+                        reason=f"removed ({why}), but no record pushed: the last acknowledged record "
+                        f"had no {', '.join(map(repr, missing))}",
+                        payload=record,
+                    )
+                )
+                continue
+            batch.removing[key] = why
+            batch.keys.append(key)
+            batch.encoded.append(orjson.dumps(record, option=orjson.OPT_SORT_KEYS))
+            batch.digests.append(b"")
+            batch.sources.append(b"")
+
+    def _keep_sent(self, batch: _Batch) -> None:
+        """What `[syncs.removed]` will need of these records, stored with their digests."""
+        attributes = self.sync.sent_attributes
+        if not attributes:
+            return
+        for key, encoded in zip(batch.keys, batch.encoded, strict=True):
+            if key not in batch.removing:
+                payload = orjson.loads(encoded)
+                kept = {name: payload[name] for name in attributes if name in payload}
+                batch.sent[key] = orjson.dumps(kept, option=orjson.OPT_SORT_KEYS).decode()
 
     def _submit(self, pool: ThreadPoolExecutor, deliverer: Deliverer, batch: _Batch) -> Future[DeliveryResult]:
         if not batch.encoded:
@@ -443,6 +613,10 @@ class SyncRunner:
         landed after a failure keep their digests, so they are not sent again.
         """
         move: Cursor | None = None
+        feeds: dict[str, Cursor] = {}
+        removed: list[tuple[str, str]] = []
+        records_of_removals = 0
+        sent: list[tuple[str, str]] = []
         acked: list[tuple[str, bytes, bytes]] = []
         refreshed: list[tuple[str, bytes]] = []
         pushes: list[PushRecord] = []
@@ -465,6 +639,14 @@ class SyncRunner:
                 landed = list(zip(batch.keys, batch.digests, batch.sources, strict=True))
             else:
                 landed = [(batch.keys[i], batch.digests[i], batch.sources[i]) for i in result.acked]
+            if batch.removing:  # removal records: the ACK records the removal, not a digest
+                records = [(item[0], batch.removing[item[0]]) for item in landed if item[0] in batch.removing]
+                removed.extend(records)
+                records_of_removals += len(records)
+                landed = [item for item in landed if item[0] not in batch.removing]
+            removed.extend(batch.gone)
+            if batch.sent:
+                sent.extend((key, batch.sent[key]) for key, _, _ in landed if key in batch.sent)
             acked.extend(landed)
             refreshed.extend(batch.refreshed)
             pushes.extend(result.pushes)
@@ -472,15 +654,27 @@ class SyncRunner:
                 failed.append(result)
             if not failed and batch.cursor is not None:
                 move = batch.cursor
+            if not failed and batch.feed is not None:
+                feeds[batch.feed[0]] = batch.feed[1]
             if open_letters:  # a key whose current payload landed, or was there already, is resolved
                 resolve.extend(key for key, _, _ in landed)
                 resolve.extend(batch.unchanged_keys)
             report.rows_read += batch.rows
             report.unchanged += len(batch.unchanged_keys)
             report.batches += 1 if batch.encoded else 0
-        nothing = move is None and not (acked or refreshed or pushes or dead or resolve)
+        nothing = move is None and not (acked or refreshed or pushes or dead or resolve or feeds or removed)
         if not nothing or time.monotonic() - self._lease_renewed > self.lease.total_seconds() / 4:
             self._lease_renewed = time.monotonic()
+            model: dict[str, Any] = {}  # only what there is: most syncs have no feeds or removals
+            if feeds:
+                model["feed_cursors"] = list(feeds.items())
+            if removed:
+                model["removed"] = removed
+                self._has_removals = True
+            if self._has_removals and acked:
+                model["returned"] = [key for key, _, _ in acked]
+            if sent:
+                model["sent"] = sent
             committer.commit(
                 self.sync.name,
                 cursor=move,
@@ -490,8 +684,10 @@ class SyncRunner:
                 dead_letters=dead,
                 resolve_keys=resolve,
                 lease_ttl=self.lease,
+                **model,
             )
-        report.sent += len(acked)
+        report.sent += len(acked) + records_of_removals
+        report.removed += len(removed)
         report.dead_lettered += len(dead)
         report.note(pushes, dead)
         report.last_trans_id = next((p.trans_id for p in reversed(pushes) if p.trans_id), report.last_trans_id)
@@ -599,6 +795,11 @@ class _Committer:
         self._raise()
         self._queue.put({"sync": sync, **outcome})
 
+    def flush(self) -> None:
+        """Wait until everything queued so far is committed."""
+        self._queue.join()
+        self._raise()
+
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()
@@ -614,12 +815,15 @@ class _Committer:
         while not closing:
             item = self._queue.get()
             if item is None:
+                self._queue.task_done()
                 return
+            taken = 1
             while not closing:  # take what else is waiting into the same transaction
                 try:
                     more = self._queue.get_nowait()
                 except queue.Empty:
                     break
+                taken += 1
                 if more is None:
                     closing = True
                 else:
@@ -629,14 +833,18 @@ class _Committer:
                     self._commit(**item)
                 except BaseException as error:  # handed to the sync thread
                     self._error = error
+            for _ in range(taken):
+                self._queue.task_done()
 
 
 def _merged(first: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
     """Two consecutive commits of one sync as one: the later cursor and lease, everything else added up."""
     merged = dict(first)
     for name, value in then.items():
-        if name in ("acked", "refreshed", "pushes", "dead_letters", "resolve_keys"):
+        if name in ("acked", "refreshed", "pushes", "dead_letters", "resolve_keys", "removed", "returned", "sent"):
             merged[name] = [*first.get(name, ()), *value]
+        elif name == "feed_cursors":  # the later position of each feed
+            merged[name] = list({**dict(first.get(name, ())), **dict(value)}.items())
         elif name != "cursor" or value is not None:
             merged[name] = value
     return merged
@@ -672,7 +880,7 @@ def _before(value: Any, target: Any) -> bool:
 
 
 def _merge(total: CycleReport, more: CycleReport) -> CycleReport:
-    for name in ("rows_read", "unchanged", "sent", "batches", "dead_lettered", "duration_s"):
+    for name in ("rows_read", "unchanged", "sent", "batches", "dead_lettered", "removed", "duration_s"):
         setattr(more, name, getattr(total, name) + getattr(more, name))
     more.last_trans_id = more.last_trans_id or total.last_trans_id
     more.trans_ids = (total.trans_ids + more.trans_ids)[:NAMED_IN_LOG]

@@ -8,7 +8,8 @@ batches back. The parent keeps every decision about what is sent and what is com
 (digest comparison, delivery, retries, state), so no guarantee moves with the work:
 
 - the child reads below the bound the parent's cycle took, from the parent's last
-  position, in the same (watermark, key) order and chunk transactions as the parent would;
+  position, in the same (watermark, key) order and chunk transactions as the parent would,
+  through the same reader (the sync's model and filter);
 - batches arrive in read order, and the watermark still moves only after their ACKs;
 - the child is a fresh interpreter (`python -m syncd.offload`: no inherited threads, locks
   or connections, and no re-import of the parent's `__main__`), ignores SIGINT and SIGTERM
@@ -68,8 +69,9 @@ class Offload:
             self._ready = True
         return self._ready
 
-    def batches(self, after: Cursor | None, bound: Bound) -> Iterator[tuple[Cursor, int, MappedRows]]:
-        """`(position after the batch, rows read, mapped rows)` for every batch past `after`."""
+    def batches(self, after: Cursor | None, bound: Bound) -> Iterator[tuple[Cursor, int, MappedRows, list[str]]]:
+        """`(position after the batch, rows read, mapped rows, keys of rows outside the model's filter)`
+        for every batch past `after`."""
         if not self._ready:
             self._expect("ready")
             self._ready = True
@@ -134,9 +136,11 @@ def _serve(conn: Connection) -> None:
         conn.send(("ready", None))
         _, after, bound = conn.recv()
         try:
-            for rows in prefetched(reader.changed_rows(after, batch_rows, bound=bound), depth=READ_AHEAD):
-                mapped = map_rows(rows, mapping, target=target, source_hash=reader.source_hash)
-                conn.send(("batch", (reader.position(rows[-1]), len(rows), mapped)))
+            read = reader.changed_rows(after, batch_rows, bound=bound, membership=True)
+            for rows in prefetched(read, depth=READ_AHEAD):
+                members, outside = reader.split(rows)  # the parent decides what leaving the model means
+                mapped = map_rows(members, mapping, target=target, source_hash=reader.source_hash)
+                conn.send(("batch", (reader.position(rows[-1]), len(rows), mapped, outside)))
             conn.send(("end", None))
         except SourceError as error:
             conn.send(("error", str(error)))

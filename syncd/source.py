@@ -33,8 +33,8 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.dialects import mysql
 
-from syncd.config import SourceConfig, SyncConfig
-from syncd.state import Cursor, db_error_line
+from syncd.config import ChangeFeed, SecretFileError, SourceConfig, SyncConfig
+from syncd.state import Cursor, db_error_line, key_text
 
 __all__ = ["Bound", "SchemaProblem", "Source", "SourceError", "TableReader", "prefetched"]
 
@@ -43,6 +43,8 @@ log = structlog.get_logger(__name__)
 CHUNK_ROWS = 50_000  # rows per read transaction
 FETCH_ROWS = 5_000  # rows per round trip of a server-side cursor
 FUTURE_TOLERANCE = timedelta(minutes=5)  # clock skew before a future watermark is reported
+KEY_ROWS = 500  # keys per `IN (...)` lookup
+PROBE_ROWS = 100_000  # rows of a view or query that `check` reads for duplicate keys and NULL watermarks
 APPLICATION_NAME = "syncd"  # PostgreSQL application_name, excluded from the open-transaction gate
 
 _T = TypeVar("_T")
@@ -81,7 +83,10 @@ class Source:
     def engine(self) -> sa.Engine:
         with self._lock:
             if self._engine is None:
-                self._engine = _create_engine(self.config)
+                try:
+                    self._engine = _create_engine(self.config, self.name)
+                except SecretFileError as error:  # e.g. a credential gone since start-up
+                    raise SourceError(str(error)) from None
             return self._engine
 
     def dispose(self) -> None:
@@ -99,6 +104,23 @@ class Source:
     def reader(self, sync: SyncConfig) -> TableReader:
         return TableReader(self, sync)
 
+    def feed_reader(self, sync: SyncConfig, feed: ChangeFeed) -> TableReader:
+        """A reader of one `[[syncs.changes]]` feed: its key and watermark, the filter as a condition."""
+        shape = sync.model_copy(
+            update={
+                "name": f"{sync.name} (changes {feed.feed_id})",
+                "table": feed.table,
+                "query": feed.query,
+                "key": feed.key,
+                "watermark": feed.watermark,
+                "filter": feed.filter,
+                "fields": {},
+                "changes": [],
+                "removed": None,
+            }
+        )
+        return TableReader(self, shape, feed=True)
+
     def warn_gate_once(self, reason: str) -> None:
         if not self._gate_warned:
             self._gate_warned = True
@@ -111,20 +133,30 @@ class Source:
 
 
 class TableReader:
-    """Reads one sync's table: the bound, the changed rows, full passes and the backlog."""
+    """Reads one sync's model (a table, a view or a query): the bound, the changed rows,
+    full passes, lookups by key and the backlog.
 
-    def __init__(self, source: Source, sync: SyncConfig) -> None:
+    The model's `filter` is the operator's SQL. Readers for previews and lookups apply it
+    as a condition (only the model's rows); the cycle asks for `membership=True` instead:
+    every row, with the filter's verdict as the last column (1 = in the model), so a row
+    that stopped matching is seen and can be recorded as removed.
+    """
+
+    def __init__(self, source: Source, sync: SyncConfig, *, feed: bool = False) -> None:
         self.source = source
         self.sync = sync
-        self._table: sa.Table | None = None
+        self.feed = feed  # a change feed: its filter is a condition, its rows are not fingerprinted
+        self._table: sa.FromClause | None = None
+        self._provisional = False  # a SQLite query model probed while empty: its types are guesses
         self._sqlite_fraction: bool | None = None  # whether SQLite text times carry fractions
 
     # -- schema
 
     @property
-    def table(self) -> sa.Table:
+    def table(self) -> Any:
+        """The model as a FROM clause: the reflected table or view, or the query as `(...) AS m`."""
         if self._table is None:
-            self._table = self._reflect()
+            self._table = self._reflect() if self.sync.query is None else self._probe_query()
         return self._table
 
     def _reflect(self) -> sa.Table:
@@ -136,23 +168,146 @@ class TableReader:
         except sa.exc.DBAPIError as error:
             raise SourceError(describe_db_error(self.source, error)) from None
 
-    def problems(self) -> list[SchemaProblem]:
-        """What `syncd check` reports about the live schema: missing columns, keys, indexes."""
+    def _probe_query(self) -> sa.Subquery:
+        """The query's columns, found by running it for zero rows (one for SQLite, which has no types).
+
+        Only the key and the watermark need a type (how to compare them, how to turn a
+        stored key back into a value); every other column comes back as the driver gives it.
+        """
+        query = _sql(self.sync.query)
         try:
-            return self._problems(self.table) + self.time_problems()
+            with self.source.engine.connect() as conn:
+                if self.dialect == "sqlite":
+                    result = conn.execute(sa.text(f"SELECT * FROM ({query.text}) AS m LIMIT 1"))
+                    names = list(result.keys())
+                    first = result.first()
+                    types = {name: _sqlite_type(name, first, names, self.sync.watermark) for name in names}
+                    self._provisional = first is None
+                else:
+                    result = conn.execute(sa.text(f"SELECT * FROM ({query.text}) AS m LIMIT 0"))
+                    names = list(result.keys())
+                    description = list(result.cursor.description)
+                    result.close()
+                    types = dict(zip(names, _driver_types(conn, self.dialect, description), strict=True))
+        except sa.exc.DBAPIError as error:
+            raise SourceError(f"query: {describe_db_error(self.source, error)}") from None
+        wanted = (self.sync.key, self.sync.watermark)
+        columns = [sa.column(name, types[name] if name in wanted else sa.types.NullType()) for name in names]
+        return query.columns(*columns).subquery("m")
+
+    @property
+    def is_base_table(self) -> bool:
+        """A table of the database, not a view or a query: its constraints and indexes speak for it."""
+        if self.sync.query is not None:
+            return False
+        return self._is_base_table
+
+    @functools.cached_property
+    def _is_base_table(self) -> bool:
+        table = self.table
+        return table.name not in sa.inspect(self.source.engine).get_view_names(schema=table.schema)
+
+    @functools.cached_property
+    def key_is_unique(self) -> bool:
+        """Whether the database guarantees one row per key (a table with a unique key, no filter join)."""
+        return self.is_base_table and (self.sync.key,) in self._unique_sets()
+
+    def _unique_sets(self) -> list[tuple[str, ...]]:
+        table = self.table
+        inspector = sa.inspect(self.source.engine)
+        schema = table.schema
+        unique_sets = [tuple(ix["column_names"]) for ix in inspector.get_indexes(table.name, schema=schema) if ix.get("unique")]
+        unique_sets.append(tuple(inspector.get_pk_constraint(table.name, schema=schema).get("constrained_columns") or ()))
+        for uc in inspector.get_unique_constraints(table.name, schema=schema):
+            unique_sets.append(tuple(uc["column_names"]))
+        return unique_sets
+
+    @functools.cached_property
+    def feeds(self) -> list[tuple[ChangeFeed, TableReader]]:
+        """The sync's `[[syncs.changes]]` feeds, each with its reader."""
+        return [(feed, self.source.feed_reader(self.sync, feed)) for feed in self.sync.changes]
+
+    def problems(self, *, probe_data: bool = True) -> list[SchemaProblem]:
+        """What `syncd check` reports about the live schema: missing columns, keys, indexes.
+
+        Views and queries have no constraints to read: their keys and watermarks are
+        checked by data (`probe_data`, a bounded read), never by asking for an index.
+        """
+        found = self._checked(
+            lambda: self._problems(self.table, probe_data=probe_data) + (self.time_problems() if probe_data else [])
+        )
+        if any(p.severity == "error" for p in found):
+            return found
+        for feed, reader in self.feeds:
+            found.extend(
+                SchemaProblem(p.severity, f"changes ({feed.feed_id}): {p.message}")
+                for p in reader._checked(lambda reader=reader: reader._problems(reader.table, probe_data=False))
+            )
+        return found
+
+    def _checked(self, problems: Callable[[], list[SchemaProblem]]) -> list[SchemaProblem]:
+        try:
+            return problems()
         except SourceError as error:
             return [SchemaProblem("error", str(error))]
         except sa.exc.DBAPIError as error:
             return [SchemaProblem("error", describe_db_error(self.source, error))]
 
-    def _problems(self, table: sa.Table) -> list[SchemaProblem]:
+    def _problems(self, table: Any, *, probe_data: bool) -> list[SchemaProblem]:
+        where = self.sync.model_name if self.sync.query is None else "the query's columns"
         problems = [
-            SchemaProblem("error", f"column {name!r} not found in {self.sync.table} (sync {self.sync.name})")
+            SchemaProblem("error", f"column {name!r} not found in {where} (sync {self.sync.name})")
             for name in self.sync.columns
             if name not in table.c
         ]
         if problems:
             return problems
+        if self.sync.filter is not None:
+            try:
+                with self.source.engine.connect() as conn:
+                    conn.execute(sa.select(sa.literal(1)).select_from(table).where(self._filter()).limit(0)).close()
+            except sa.exc.DBAPIError as error:
+                return [SchemaProblem("error", f"filter {self.sync.filter!r}: {describe_db_error(self.source, error)}")]
+        if not self.is_base_table:
+            return self._view_problems(table) if probe_data else []
+        return self._table_problems(table)
+
+    def _view_problems(self, table: Any) -> list[SchemaProblem]:
+        """Duplicate keys and NULL watermarks in the first PROBE_ROWS rows by key, by data."""
+        wm = self._watermark_expr()
+        if _watermark_kind(table.c[self.sync.watermark], self.dialect) == "unsupported":
+            column = table.c[self.sync.watermark]
+            return [SchemaProblem("error", f"watermark column {column.name!r} is {column.type}; use a timestamp, date or integer column")]
+        key = table.c[self.sync.key]
+        sample = sa.select(key.label("k"), wm.label("w")).select_from(table).order_by(key).limit(PROBE_ROWS).subquery("p")
+        with self.source.engine.connect() as conn:
+            repeated = conn.execute(
+                sa.select(sample.c.k, sa.func.count()).group_by(sample.c.k).having(sa.func.count() > 1).order_by(sample.c.k).limit(3)
+            ).all()
+            nulls = conn.scalar(sa.select(sa.func.count()).select_from(sample).where(sample.c.w.is_(None)))
+        problems = []
+        if repeated:
+            shown = ", ".join(f"{key_value!r} ({count} rows)" for key_value, count in repeated)
+            problems.append(
+                SchemaProblem(
+                    "error",
+                    f"key {self.sync.key!r} is not unique in {self.sync.model_name}: {shown} among its first "
+                    f"{PROBE_ROWS:,} rows by key; such keys are dead-lettered, never sent "
+                    "(one row per key: aggregate or pick one row of the joined table)",
+                )
+            )
+        if nulls:
+            problems.append(
+                SchemaProblem(
+                    "warning",
+                    f"watermark {self.sync.watermark!r} is NULL in {nulls} of the first {PROBE_ROWS:,} rows by key "
+                    f"of {self.sync.model_name}: cycles never read them (only reconcile does); use COALESCE in the model",
+                )
+            )
+        return problems
+
+    def _table_problems(self, table: sa.Table) -> list[SchemaProblem]:
+        problems: list[SchemaProblem] = []
         wm = table.c[self.sync.watermark]
         if _watermark_kind(wm, self.dialect) == "unsupported":
             problems.append(
@@ -172,12 +327,8 @@ class TableReader:
         inspector = sa.inspect(self.source.engine)
         schema = table.schema
         indexes = inspector.get_indexes(table.name, schema=schema)
-        unique_sets = [tuple(ix["column_names"]) for ix in indexes if ix.get("unique")]
         pk = tuple(inspector.get_pk_constraint(table.name, schema=schema).get("constrained_columns") or ())
-        unique_sets.append(pk)
-        for uc in inspector.get_unique_constraints(table.name, schema=schema):
-            unique_sets.append(tuple(uc["column_names"]))
-        if (self.sync.key,) not in unique_sets:
+        if not self.feed and (self.sync.key,) not in self._unique_sets():
             problems.append(
                 SchemaProblem(
                     "error",
@@ -209,13 +360,57 @@ class TableReader:
         return [] if expr is None else [expr]
 
     def _columns(self) -> list[sa.ColumnElement[Any]]:
+        if self._provisional:  # a SQLite query model that was empty: look at its values again
+            self._table = None
+            self.__dict__.pop("watermark_index", None)  # it follows the watermark's type
         table = self.table
         missing = [name for name in self.sync.columns if name not in table.c]
         if missing:
             raise SourceError(
-                f"column(s) {', '.join(map(repr, missing))} not found in {self.sync.table} (sync {self.sync.name})"
+                f"column(s) {', '.join(map(repr, missing))} not found in {self.sync.model_name} (sync {self.sync.name})"
             )
         return [table.c[name] for name in self.sync.columns]
+
+    def _filter(self) -> sa.ColumnElement[bool]:
+        """The operator's filter, parenthesised so that it combines with our conditions as one."""
+        assert self.sync.filter is not None
+        return _sql(f"({self.sync.filter})")  # type: ignore[return-value]
+
+    def _model_rows(self, membership: bool) -> tuple[list[sa.ColumnElement[Any]], sa.ColumnElement[bool] | None]:
+        """What a read adds for the filter: its verdict as the last column, or a condition."""
+        if self.sync.filter is None:
+            return [], None
+        if membership:
+            verdict = sa.case((self._filter(), sa.literal_column("1")), else_=sa.literal_column("0"))
+            return [verdict.label("__in")], None
+        return [], self._filter()
+
+    def has_membership(self) -> bool:
+        """Whether rows read with `membership=True` end with the filter's verdict."""
+        return self.sync.filter is not None
+
+    def split(self, rows: Sequence[Sequence[Any]]) -> tuple[Sequence[Sequence[Any]], list[str]]:
+        """Rows read with `membership=True` → (the model's rows, keys of rows that fail the filter)."""
+        if self.sync.filter is None:
+            return rows, []
+        outside = [key_text(row[0]) for row in rows if not row[-1]]
+        if not outside:
+            return rows, []
+        return [row for row in rows if row[-1]], outside
+
+    def _typed_keys(self, keys: Sequence[str]) -> list[Any]:
+        key = self.table.c[self.sync.key]
+        try:
+            convert = key.type.python_type
+        except NotImplementedError:
+            convert = str
+        typed = []
+        for k in keys:
+            try:
+                typed.append(convert(k))
+            except (TypeError, ValueError):
+                continue  # a stored key the column cannot hold is not in the model
+        return typed
 
     def _watermark_expr(self) -> sa.ColumnElement[Any]:
         column = self.table.c[self.sync.watermark]
@@ -407,7 +602,7 @@ class TableReader:
 
     def _source_hash_expr(self) -> sa.ColumnElement[Any] | None:
         """On PostgreSQL the server fingerprints each row; elsewhere Python does."""
-        if self.dialect != "postgresql":
+        if self.dialect != "postgresql" or self.feed:
             return None
         quote = self.source.engine.dialect.identifier_preparer.quote
         columns = ", ".join(quote(name) for name in self.hash_columns)
@@ -419,7 +614,7 @@ class TableReader:
     def source_hash_index(self) -> int | None:
         """Where a row holds its server-side fingerprint, or None (computed in Python)."""
         # Only PostgreSQL has one, and there no watermark column is appended before it.
-        return len(self.sync.columns) if self.dialect == "postgresql" else None
+        return len(self.sync.columns) if self.dialect == "postgresql" and not self.feed else None
 
     def source_hash(self, row: Sequence[Any]) -> bytes:
         """A fingerprint of the row's `hash_columns` (8 bytes from PostgreSQL, 16 from Python)."""
@@ -434,14 +629,23 @@ class TableReader:
     def _hash_positions(self) -> tuple[int, ...]:
         return tuple(self.sync.columns.index(name) for name in self.hash_columns)
 
-    def fingerprints(self, batch_rows: int) -> Iterator[list[tuple[Any, bytes]]]:
-        """`(key, fingerprint)` of every row in key order, computed by the server (PostgreSQL only)."""
+    def fingerprints(self, batch_rows: int, *, membership: bool = False) -> Iterator[list[tuple[Any, ...]]]:
+        """`(key, fingerprint)` of every row in key order, computed by the server (PostgreSQL only).
+
+        With `membership`, `(key, fingerprint, in_model)` of every row, the filter's verdict last.
+        """
         expr = self._source_hash_expr()
         assert expr is not None
         key = self.table.c[self.sync.key]
-        query = sa.select(key, expr).order_by(key)
+        extra, condition = self._model_rows(membership)
+        query = sa.select(key, expr, *extra).select_from(self.table).order_by(key)
+        if condition is not None:
+            query = query.where(condition)
         for rows in self._chunks(query, lambda last: None if last is None else key > last[0], batch_rows):
-            yield [(row[0], _server_hash(row[1])) for row in rows]
+            if extra:
+                yield [(row[0], _server_hash(row[1]), bool(row[2])) for row in rows]
+            else:
+                yield [(row[0], _server_hash(row[1])) for row in rows]
 
     @functools.cached_property
     def watermark_index(self) -> int:
@@ -461,18 +665,23 @@ class TableReader:
         on_bound: Callable[[Bound], None] = lambda bound: None,
         *,
         bound: Bound | None = None,
+        membership: bool = False,
     ) -> Iterator[Sequence[Sequence[Any]]]:
         """Batches of rows after `cursor` and below the source's bound, in (watermark, key) order.
 
         The bound is taken in the same transaction (and snapshot) as the first read, and
         handed to `on_bound`; later chunks keep it. A cycle that continues elsewhere
         passes its `bound` on instead. A row holds `sync.columns` (the key first); on
-        SQLite the canonical watermark text follows them. Rows are the driver's, not
-        copied: this is the hot path.
+        SQLite the canonical watermark text follows them; with `membership` the filter's
+        verdict comes last (see `split`). Rows are the driver's, not copied: this is the hot path.
         """
+        columns = self._columns()
         wm, key = self._watermark_expr(), self.table.c[self.sync.key]
         extra = [wm.label("__wm")] if self.watermark_index == len(self.sync.columns) else []
-        query = sa.select(*self._columns(), *extra, *self._fingerprint()).order_by(wm, key)
+        verdict, condition = self._model_rows(membership)
+        query = sa.select(*columns, *extra, *self._fingerprint(), *verdict).select_from(self.table).order_by(wm, key)
+        if condition is not None:
+            query = query.where(condition)
         bounded = _watermark_kind(self.table.c[self.sync.watermark], self.dialect) == "time"
         if bounded:
             query = query.where(wm < sa.bindparam("__bound", type_=wm.type))
@@ -493,34 +702,60 @@ class TableReader:
             params=params,
         )
 
-    def all_rows(self, batch_rows: int) -> Iterator[Sequence[Sequence[Any]]]:
+    def all_rows(self, batch_rows: int, *, membership: bool = False) -> Iterator[Sequence[Sequence[Any]]]:
         """Every row (`sync.columns`) in key order, for reconcile."""
+        columns = self._columns()
         key = self.table.c[self.sync.key]
-        query = sa.select(*self._columns(), *self._fingerprint()).order_by(key)
+        verdict, condition = self._model_rows(membership)
+        query = sa.select(*columns, *self._fingerprint(), *verdict).select_from(self.table).order_by(key)
+        if condition is not None:
+            query = query.where(condition)
         yield from self._chunks(query, lambda last: None if last is None else key > last[0], batch_rows)
 
     def keys_after(self, cursor: Cursor | None, batch_rows: int = 5000) -> Iterator[list[Any]]:
         """Keys of the rows past `cursor` (what a `reset --to` will re-read), in batches."""
         wm, key = self._watermark_expr(), self.table.c[self.sync.key]
-        query = sa.select(key, wm.label("__wm")).order_by(wm, key)
+        query = sa.select(key, wm.label("__wm")).select_from(self.table).order_by(wm, key)
         for rows in self._chunks(
             query, lambda last: self._after(cursor if last is None else Cursor(last[1], last[0])), batch_rows
         ):
             yield [row[0] for row in rows]
 
-    def rows_by_keys(self, keys: list[str]) -> Iterator[list[Sequence[Any]]]:
-        """The current rows (`sync.columns`) for stored (text) keys, in batches of 500."""
+    def rows_by_keys(self, keys: list[str], *, membership: bool = False) -> Iterator[list[Sequence[Any]]]:
+        """The current rows (`sync.columns`) of the model for stored (text) keys, in batches of 500.
+
+        Without `membership` only rows that pass the filter; with it, every row and the verdict last.
+        """
+        columns = self._columns()
         key = self.table.c[self.sync.key]
-        try:
-            convert = key.type.python_type
-        except NotImplementedError:
-            convert = str
-        typed = [convert(k) for k in keys]
-        query = sa.select(*self._columns(), *self._fingerprint()).order_by(key)
-        for start in range(0, len(typed), 500):
+        verdict, condition = self._model_rows(membership)
+        query = sa.select(*columns, *self._fingerprint(), *verdict).select_from(self.table).order_by(key)
+        if condition is not None:
+            query = query.where(condition)
+        for rows in self._by_keys(query, key, keys):
+            yield rows
+
+    def existing_keys(self, keys: Sequence[str]) -> set[str]:
+        """Which of these stored keys the model (filter or not) still has."""
+        key = self.table.c[self.sync.key]
+        query = sa.select(key).select_from(self.table)
+        return {key_text(row[0]) for rows in self._by_keys(query, key, keys) for row in rows}
+
+    def duplicate_keys(self, keys: Sequence[str]) -> dict[str, int]:
+        """Keys among these that more than one row of the model holds, with their row counts.
+
+        Asked only of views and queries: a table's unique key cannot repeat.
+        """
+        key = self.table.c[self.sync.key]
+        query = sa.select(key, sa.func.count()).select_from(self.table).group_by(key).having(sa.func.count() > 1)
+        return {key_text(row[0]): row[1] for rows in self._by_keys(query, key, keys) for row in rows}
+
+    def _by_keys(self, query: sa.Select[Any], key: Any, keys: Sequence[str]) -> Iterator[list[Sequence[Any]]]:
+        typed = self._typed_keys(keys)
+        for start in range(0, len(typed), KEY_ROWS):
             try:
                 with self.source.engine.connect() as conn:
-                    rows = list(conn.execute(query.where(key.in_(typed[start : start + 500]))))
+                    rows = list(conn.execute(query.where(key.in_(typed[start : start + KEY_ROWS]))))
             except sa.exc.DBAPIError as error:
                 raise SourceError(describe_db_error(self.source, error)) from None
             if rows:
@@ -564,6 +799,8 @@ class TableReader:
     def backlog(self, cursor: Cursor | None, limit: int = 10_000_000) -> int:
         """Rows past the watermark, counted through the index and capped, so it stays cheap."""
         condition = self._after(cursor)
+        if self.feed and self.sync.filter is not None:
+            condition = self._filter() if condition is None else sa.and_(condition, self._filter())
         inner = sa.select(sa.literal(1)).select_from(self.table)
         if condition is not None:
             inner = inner.where(condition)
@@ -666,8 +903,8 @@ def _watermark_kind(column: sa.Column[Any], dialect: str) -> str:
     return "unsupported"
 
 
-def _create_engine(config: SourceConfig) -> sa.Engine:
-    url = config.engine_url()
+def _create_engine(config: SourceConfig, name: str) -> sa.Engine:
+    url = config.engine_url(f"sources.{name}.password_file")
     connect_args: dict[str, Any] = {}
     backend = url.get_backend_name()
     if backend == "postgresql":
@@ -686,7 +923,88 @@ def _create_engine(config: SourceConfig) -> sa.Engine:
             cursor.execute("SET time_zone = '+00:00'")
             cursor.close()
 
+    statement = _READ_ONLY.get(backend)
+    if statement is not None:
+
+        @sa.event.listens_for(engine, "connect")
+        def _read_only(dbapi_connection: Any, _record: Any) -> None:
+            # syncd never writes to a CRM: the operator's `query` and `filter` run in
+            # sessions that the database itself keeps from writing.
+            cursor = dbapi_connection.cursor()
+            cursor.execute(statement)
+            cursor.close()
+            if backend != "sqlite":
+                dbapi_connection.commit()
+
     return engine
+
+
+_READ_ONLY = {
+    "postgresql": "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+    "mysql": "SET SESSION TRANSACTION READ ONLY",
+    "mariadb": "SET SESSION TRANSACTION READ ONLY",
+    "sqlite": "PRAGMA query_only = ON",
+}
+
+
+def _sql(text: str) -> sa.TextClause:
+    """The operator's SQL as it was written: colons are not bind parameters."""
+    return sa.text(text.replace(":", "\\:"))
+
+
+# DB-API type codes of MySQL/MariaDB result columns (the protocol's, shared by every driver).
+_MYSQL_TIME = {7: mysql.TIMESTAMP, 12: mysql.DATETIME}  # with their fractional digits (the column's scale)
+_MYSQL_NUMBER = {1, 2, 3, 8, 9, 13}  # TINY, SHORT, LONG, LONGLONG, INT24, YEAR
+_MYSQL_DECIMAL = {0, 246}  # DECIMAL, NEWDECIMAL
+
+
+def _driver_types(conn: sa.Connection, dialect: str, description: list[Any]) -> list[sa.types.TypeEngine[Any]]:
+    """SQLAlchemy types for a result's columns, from the driver's type codes (DB-API description)."""
+    codes = [column[1] for column in description]
+    if dialect == "postgresql":  # type codes are pg_type OIDs
+        names = dict(
+            conn.execute(
+                sa.text("SELECT oid::int, format_type(oid, NULL) FROM pg_type WHERE oid = ANY(:oids)"),
+                {"oids": [int(code) for code in codes]},
+            ).all()
+        )
+        return [_postgres_type(names.get(int(code), "")) for code in codes]
+    if dialect in ("mysql", "mariadb"):
+        return [
+            _MYSQL_TIME[code](fsp=column[5] or 0) if code in _MYSQL_TIME
+            else sa.Date() if code == 10
+            else sa.BigInteger() if code in _MYSQL_NUMBER
+            else sa.Numeric() if code in _MYSQL_DECIMAL
+            else sa.String()
+            for code, column in zip(codes, description, strict=True)
+        ]
+    return [sa.String() for _ in codes]
+
+
+def _postgres_type(name: str) -> sa.types.TypeEngine[Any]:
+    if name.startswith("timestamp"):
+        return sa.DateTime(timezone="with time zone" in name)
+    if name == "date":
+        return sa.Date()
+    if name in ("smallint", "integer", "bigint"):
+        return sa.BigInteger()
+    if name == "numeric":
+        return sa.Numeric()
+    if name == "uuid":  # stored keys come back as text: compare them as uuids, not as varchar
+        return sa.Uuid()
+    return sa.String()
+
+
+def _sqlite_type(name: str, row: Sequence[Any] | None, names: list[str], watermark: str) -> sa.types.TypeEngine[Any]:
+    """SQLite columns have no type: take it from the first row's value (text watermarks are times)."""
+    value = None if row is None else row[names.index(name)]
+    if isinstance(value, int):
+        return sa.BigInteger()
+    if isinstance(value, float):
+        return sa.Float()
+    if name == watermark and (value is None or isinstance(value, str)):
+        return sa.DateTime()
+    return sa.String()
 
 
 def parse_watermark(reader: TableReader, text: str) -> Cursor:

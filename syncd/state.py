@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 SYNC_STATES = ("ok", "failing", "auth_error", "paused", "never_run")
-SCHEMA_REVISION = "0002"  # the newest migration; tests/test_state.py checks it against Alembic's head
+SCHEMA_REVISION = "0003"  # the newest migration; tests/test_state.py checks it against Alembic's head
 UPSERT_ROWS = 500  # digests per statement: 2,000 parameters, under every driver's limit
 
 metadata = sa.MetaData()
@@ -87,7 +87,28 @@ digests_table = sa.Table(
     # Fingerprint of the source columns that produced the payload: lets reconcile skip
     # mapping rows whose source has not changed (valid while syncs.mapping_hash matches).
     sa.Column("source_hash", sa.LargeBinary(16)),
+    # The attributes `[syncs.removed]` takes from the last acknowledged record (JSON);
+    # NULL unless the sync has that table.
+    sa.Column("sent", sa.Text),
     sqlite_with_rowid=False,  # the primary key is the table: one B-tree, not two
+)
+
+feed_cursors_table = sa.Table(
+    "feed_cursors",
+    metadata,
+    sa.Column("sync", sa.String(64), primary_key=True),
+    sa.Column("feed", sa.String(255), primary_key=True),  # ChangeFeed.feed_id
+    sa.Column("watermark", sa.Text, nullable=False),  # typed JSON, like syncs.watermark
+    sa.Column("watermark_key", sa.Text, nullable=False),
+)
+
+removals_table = sa.Table(
+    "removals",
+    metadata,
+    sa.Column("sync", sa.String(64), primary_key=True),
+    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("removed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
 )
 
 dead_letters_table = sa.Table(
@@ -212,6 +233,7 @@ class SyncStatus:
     dead_letters: int
     owner: str | None = None
     lease_until: datetime | None = None
+    removed: int = 0  # keys that left the model (and have not come back)
 
 
 def db_error_line(error: BaseException) -> str:
@@ -436,9 +458,17 @@ class StateStore:
         dead_letters: Sequence[DeadLetter] = (),
         resolve_keys: Sequence[str] = (),
         lease_ttl: timedelta | None = None,
+        feed_cursors: Sequence[tuple[str, Cursor]] = (),
+        removed: Sequence[tuple[str, str]] = (),
+        returned: Sequence[str] = (),
+        sent: Sequence[tuple[str, str]] = (),
     ) -> None:
         """Record one batch's outcome atomically; `cursor=None` leaves the watermark alone.
 
+        `feed_cursors`: change feeds' new positions, `(feed, cursor)`. `removed`: keys that
+        left the model, `(key, reason)`: their digests go, a removal is recorded. `returned`:
+        acknowledged keys whose removal, if any, is over. `sent`: `(key, JSON)` of the
+        attributes `[syncs.removed]` needs, for keys in `acked`.
         Raises LeaseLost (and writes nothing) when another owner took the sync over.
         """
         now = utcnow()
@@ -500,6 +530,14 @@ class StateStore:
                 )
             if dead_letters:
                 _record_dead_letters(conn, sync, dead_letters, now)
+            if sent:
+                mark = self._placeholder
+                conn.exec_driver_sql(
+                    f'UPDATE digests SET sent = {mark} WHERE sync = {mark} AND "key" = {mark}',
+                    [(text, sync, key) for key, text in sent],
+                )
+            if feed_cursors or removed or returned:
+                _record_model_changes(conn, sync, feed_cursors, removed, returned, now)
 
     def _upsert_digests(self, conn: sa.Connection, sync: str, acked: Sequence[tuple[str, bytes, bytes]]) -> None:
         """Many rows per statement, not one statement per row.
@@ -520,6 +558,58 @@ class StateStore:
         finally:
             cursor.close()
 
+    # -- models: change feeds and removals
+
+    def feed_cursor(self, sync: str, feed: str) -> Cursor | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(feed_cursors_table.c.watermark, feed_cursors_table.c.watermark_key).where(
+                    feed_cursors_table.c.sync == sync, feed_cursors_table.c.feed == feed
+                )
+            ).one_or_none()
+        return None if row is None else Cursor(decode_value(row.watermark), decode_value(row.watermark_key))
+
+    def removal_count(self, sync: str) -> int:
+        with self.engine.connect() as conn:
+            return conn.scalar(sa.select(sa.func.count()).where(removals_table.c.sync == sync))
+
+    def removals(self, sync: str, keys: Sequence[str] | None = None) -> dict[str, tuple[datetime, str]]:
+        """`key → (when, why)` of the keys that left the model (all of them, or of `keys`)."""
+        query = sa.select(removals_table.c.key, removals_table.c.removed_at, removals_table.c.reason).where(
+            removals_table.c.sync == sync
+        )
+        if keys is not None:
+            query = query.where(removals_table.c.key.in_(keys))
+        with self.engine.connect() as conn:
+            return {row.key: (_aware(row.removed_at), row.reason) for row in conn.execute(query)}  # type: ignore[misc]
+
+    def sent_attributes(self, sync: str, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The attributes kept from the last acknowledged record of `keys` (for `[syncs.removed]`)."""
+        if not keys:
+            return {}
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(digests_table.c.key, digests_table.c.sent).where(
+                    digests_table.c.sync == sync, digests_table.c.key.in_(keys), digests_table.c.sent.is_not(None)
+                )
+            )
+            return {row.key: orjson.loads(row.sent) for row in rows}
+
+    def digest_keys(self, sync: str, batch: int = 5000) -> Iterator[list[str]]:
+        """Every key with a digest, in batches (for reconcile to find keys the model no longer has)."""
+        last: str | None = None
+        while True:
+            query = sa.select(digests_table.c.key).where(digests_table.c.sync == sync).order_by(digests_table.c.key)
+            if last is not None:
+                query = query.where(digests_table.c.key > last)
+            with self.engine.connect() as conn:
+                keys = list(conn.scalars(query.limit(batch)))
+            if keys:
+                yield keys
+            if len(keys) < batch:
+                return
+            last = keys[-1]
+
     # -- reading for operators
 
     def status(self) -> list[SyncStatus]:
@@ -530,6 +620,9 @@ class StateStore:
                     .where(dead_letters_table.c.resolved_at.is_(None))
                     .group_by(dead_letters_table.c.sync)
                 ).all()
+            )
+            removed = dict(
+                conn.execute(sa.select(removals_table.c.sync, sa.func.count()).group_by(removals_table.c.sync)).all()
             )
             rows = conn.execute(sa.select(syncs_table).order_by(syncs_table.c.name)).all()
         return [
@@ -546,6 +639,7 @@ class StateStore:
                 dead_letters=open_letters.get(row.name, 0),
                 owner=row.owner,
                 lease_until=_aware(row.lease_until),
+                removed=removed.get(row.name, 0),
             )
             for row in rows
         ]
@@ -699,6 +793,32 @@ def _record_dead_letters(
                     sync=sync, key=letter.key, first_seen=now, attempts=1, **values
                 )
             )
+
+
+def _record_model_changes(
+    conn: sa.Connection,
+    sync: str,
+    feed_cursors: Sequence[tuple[str, Cursor]],
+    removed: Sequence[tuple[str, str]],
+    returned: Sequence[str],
+    now: datetime,
+) -> None:
+    """Feed cursors, removals and returns, in the transaction of the batches they belong to."""
+    for feed, cursor in feed_cursors:
+        values = {"watermark": encode_value(cursor.watermark), "watermark_key": encode_value(cursor.key)}
+        where = (feed_cursors_table.c.sync == sync, feed_cursors_table.c.feed == feed)
+        if conn.execute(feed_cursors_table.update().where(*where).values(**values)).rowcount == 0:
+            conn.execute(feed_cursors_table.insert().values(sync=sync, feed=feed, **values))
+    if returned:
+        conn.execute(removals_table.delete().where(removals_table.c.sync == sync, removals_table.c.key.in_(returned)))
+    if removed:
+        keys = [key for key, _ in removed]
+        # A key whose removal is recorded is sent again, in full, when it comes back.
+        conn.execute(digests_table.delete().where(digests_table.c.sync == sync, digests_table.c.key.in_(keys)))
+        conn.execute(removals_table.delete().where(removals_table.c.sync == sync, removals_table.c.key.in_(keys)))
+        conn.execute(
+            removals_table.insert(), [{"sync": sync, "key": key, "removed_at": now, "reason": why} for key, why in removed]
+        )
 
 
 @functools.lru_cache(maxsize=8)  # a backfill uses the full size and a few remainders

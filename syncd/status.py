@@ -1,7 +1,7 @@
 """`syncd status`: where each sync stands, from the state database and a live backlog count.
 
 The JSON shape is part of the contract (DESIGN.md): `{"syncs": [{"name", "state",
-"watermark", "last_run_at", "last_error", "records_sent", "backlog", "dead_letters"}]}`.
+"watermark", "last_run_at", "last_error", "records_sent", "backlog", "dead_letters", "removed"}]}`.
 
 Status only ever reads: a state database that does not exist, or was never migrated, is
 reported as such (exit 1), never created. Run from the wrong directory, the default
@@ -143,6 +143,7 @@ def _entry(name: str, row: SyncStatus | None, backlog: int | None, *, paused: bo
             "records_sent": 0,
             "backlog": backlog,
             "dead_letters": 0,
+            "removed": 0,
         }
     return {
         "name": name,
@@ -153,6 +154,7 @@ def _entry(name: str, row: SyncStatus | None, backlog: int | None, *, paused: bo
         "records_sent": row.records_sent,
         "backlog": backlog,
         "dead_letters": row.dead_letters,
+        "removed": row.removed,
     }
 
 
@@ -171,6 +173,7 @@ def render(rows: list[dict[str, Any]], width: int = 80) -> str:
             ("records sent", f"{row['records_sent']:,}"),
             ("backlog", "unknown" if row["backlog"] is None else f"{row['backlog']:,} rows"),
             ("dead letters", f"{row['dead_letters']:,} open"),
+            ("removed", f"{row['removed']:,} keys left the model"),
         )
         lines += [f"  {label:<13} {value}" for label, value in fields]
         if row["last_error"]:

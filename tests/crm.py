@@ -20,15 +20,10 @@ def contacts_table(
     name: str = "contacts",
     schema: str | None = None,
     watermark: str = "timestamp",  # timestamp | timestamptz | int
+    deleted: bool = False,  # a soft-delete flag, as SuiteCRM keeps one
 ) -> sa.Table:
-    if watermark == "int":
-        wm_type: sa.types.TypeEngine[Any] = sa.BigInteger()
-    else:
-        wm_type = sa.DateTime(timezone=watermark == "timestamptz")
-        if metadata.info.get("dialect") in ("mysql", "mariadb"):
-            from sqlalchemy.dialects.mysql import DATETIME
-
-            wm_type = DATETIME(fsp=6)
+    wm_type = _stamp_type(metadata, watermark)
+    extra = [sa.Column("deleted", sa.Integer, nullable=False, server_default="0")] if deleted else []
     table = sa.Table(
         name,
         metadata,
@@ -39,21 +34,43 @@ def contacts_table(
         sa.Column("phone", sa.String(40)),
         sa.Column("account_id", sa.String(40)),
         sa.Column("updated_at", wm_type, nullable=False),
+        *extra,
         schema=schema,
     )
     sa.Index(f"ix_{name}_updated_at_id", table.c.updated_at, table.c.id)
     return table
 
 
+def _stamp_type(metadata: sa.MetaData, watermark: str = "timestamp") -> sa.types.TypeEngine[Any]:
+    if watermark == "int":
+        return sa.BigInteger()
+    if metadata.info.get("dialect") in ("mysql", "mariadb"):
+        from sqlalchemy.dialects.mysql import DATETIME
+
+        return DATETIME(fsp=6)
+    return sa.DateTime(timezone=watermark == "timestamptz")
+
+
 class Crm:
     """The contacts table on one source database, with helpers to write like a CRM does."""
 
-    def __init__(self, url: str, *, schema: str | None = None, watermark: str = "timestamp", name: str = "contacts") -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str | None = None,
+        watermark: str = "timestamp",
+        name: str = "contacts",
+        deleted: bool = False,
+        emails: bool = False,
+    ) -> None:
         self.url = url
         self.engine = sa.create_engine(url)
         metadata = sa.MetaData(info={"dialect": self.engine.dialect.name})
         self.watermark = watermark
-        self.table = contacts_table(metadata, name=name, schema=schema, watermark=watermark)
+        self.table = contacts_table(metadata, name=name, schema=schema, watermark=watermark, deleted=deleted)
+        if emails:
+            self.addresses, self.relations = email_tables(metadata)
         metadata.create_all(self.engine)
         self._version = 0
 
@@ -83,8 +100,72 @@ class Crm:
         with self.engine.begin() as conn:
             conn.execute(self.table.update().where(self.table.c.id.in_(list(ids))).values(**values))
 
+    def link_email(self, contact_id: int, address: str) -> None:
+        """Give a contact a (primary) e-mail address the SuiteCRM way: an address row and a relation row."""
+        stamp = self.stamp()
+        with self.engine.begin() as conn:
+            conn.execute(
+                self.addresses.insert().values(id=f"ea-{contact_id}", email_address=address, date_modified=stamp)
+            )
+            conn.execute(
+                self.relations.insert().values(
+                    id=f"rel-{contact_id}",
+                    email_address_id=f"ea-{contact_id}",
+                    bean_id=contact_id,
+                    bean_module="Contacts",
+                    primary_address=1,
+                    deleted=0,
+                    date_modified=stamp,
+                )
+            )
+
+    def change_email(self, contact_id: int, address: str) -> None:
+        """Edit the address row only: the contact's own row and its watermark stay as they are."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                self.addresses.update()
+                .where(self.addresses.c.id == f"ea-{contact_id}")
+                .values(email_address=address, date_modified=self.stamp())
+            )
+
+    def unlink_email(self, contact_id: int) -> None:
+        """Soft-delete the relation row (SuiteCRM's `deleted = 1`), bumping its own timestamp."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                self.relations.update()
+                .where(self.relations.c.bean_id == contact_id)
+                .values(deleted=1, date_modified=self.stamp())
+            )
+
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def email_tables(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table]:
+    """SuiteCRM's e-mail tables, reduced to the columns a sync reads (names and roles from
+    SuiteCRM 7's vardefs: modules/EmailAddresses/vardefs.php, metadata/email_addr_bean_relMetaData.php)."""
+    stamp = _stamp_type(metadata)
+    addresses = sa.Table(
+        "email_addresses",
+        metadata,
+        sa.Column("id", sa.String(36), primary_key=True),
+        sa.Column("email_address", sa.String(255)),
+        sa.Column("date_modified", stamp, nullable=False),
+    )
+    sa.Index("ix_email_addresses_date_modified_id", addresses.c.date_modified, addresses.c.id)
+    relations = sa.Table(
+        "email_addr_bean_rel",
+        metadata,
+        sa.Column("id", sa.String(36), primary_key=True),
+        sa.Column("email_address_id", sa.String(36), nullable=False),
+        sa.Column("bean_id", sa.Integer, nullable=False),
+        sa.Column("bean_module", sa.String(100)),
+        sa.Column("primary_address", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("deleted", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("date_modified", stamp, nullable=False),
+    )
+    sa.Index("ix_email_addr_bean_rel_date_modified_bean_id", relations.c.date_modified, relations.c.bean_id)
+    return addresses, relations
 
 
 def contact(i: int, **overrides: Any) -> dict[str, Any]:
@@ -114,7 +195,11 @@ def write_config(
     extra_api: str = "",
     extra_sync: str = "",
     fields: str | None = None,
+    model: str | None = None,
+    tables: str = "",
 ) -> Path:
+    """A config with one sync; `model` replaces its `table = ...` line (e.g. a `query`),
+    `tables` follows `[syncs.fields]` (e.g. `[[syncs.changes]]`, `[syncs.removed]`)."""
     if token_file is None:
         token_file = path.parent / "api-token"
         token_file.write_text(TOKEN + "\n")
@@ -150,7 +235,7 @@ url = "{source_url}"
 [[syncs]]
 name = "contacts"
 source = "crm"
-table = "{table}"
+{model or f'table = "{table}"'}
 key = "id"
 watermark = "updated_at"
 interval = "1s"
@@ -161,6 +246,7 @@ feed_id = "1499"
 
 [syncs.fields]
 {fields}
+{tables}
 """
     )
     return path

@@ -46,6 +46,7 @@ def test_status_json_follows_the_contract(sqlite_url, api, state_url, tmp_path):
                 "records_sent": 0,
                 "backlog": 6,
                 "dead_letters": 0,
+                "removed": 0,
             }
         ]
     }

@@ -212,3 +212,31 @@ def test_a_child_that_cannot_start_leaves_the_cycle_in_one_process(pg_crm, api, 
     assert (report.outcome, report.sent, report.offloaded_after) == ("ok", ROWS, None)
     assert api.received(DATASTORE) == ROWS
     assert [entry["event"] for entry in logs if entry["log_level"] == "warning"] == ["offload_failed"]
+
+
+def test_the_child_reads_the_model_with_its_query_and_filter(source_url, tmp_path):
+    """The child reads through the same reader: the query, and the filter's verdict per row."""
+    crm = Crm(source_url, deleted=True)
+    crm.insert([contact(i, deleted=int(i % 5 == 0)) for i in range(1, 51)])
+    query = 'query = "SELECT id, first_name, last_name, phone, account_id, email, deleted, updated_at FROM contacts"'
+    config = load_config(
+        write_config(
+            tmp_path / "syncd.toml",
+            source_url=source_url,
+            api_url="http://127.0.0.1:9/x",
+            state_url=f"sqlite:///{tmp_path / 'state.db'}",
+            model=query,
+            extra_sync='filter = "deleted = 0"',
+        )
+    )
+    source = Source("crm", config.sources["crm"])
+    reader = source.reader(config.syncs[0])
+    with source.engine.connect() as conn:
+        bound = reader.bound(conn)
+    source.dispose()
+    with Offload(config.syncs[0], "crm", config.sources["crm"], batch_rows=20, target=b"") as offload:
+        batches = list(offload.batches(None, bound))
+    crm.dispose()
+    assert [rows for _, rows, _, _ in batches] == [20, 20, 10]
+    assert sorted(int(key) for *_, mapped, _ in batches for key in mapped.keys) == [i for i in range(1, 51) if i % 5]
+    assert sorted(int(key) for *_, outside in batches for key in outside) == list(range(5, 51, 5))

@@ -96,3 +96,73 @@ def test_idle_cycle_seeks_through_the_watermark_index(crm, tmp_path):
                         # The cursor is where the scan starts, not a filter over everything.
                         assert "ROW(updated_at, id) > ROW(" in scan["Index Cond"], shown
                         assert "Sort" not in {n["Node Type"] for n in plan_nodes(plan["Plan"])}, shown
+
+
+FEED_INDEX = "ix_email_addr_bean_rel_date_modified_bean_id"
+
+
+def test_an_idle_change_feed_seeks_through_its_watermark_index(postgres_url, tmp_path):
+    """A feed is read like the model: `(date_modified, bean_id) > cursor` is where the scan
+    starts on the feed's index, so an idle poll costs an index probe, not a scan per poll."""
+    crm = Crm(postgres_url, watermark="timestamptz", emails=True)
+    with crm.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO contacts SELECT i, 'First' || i, 'Last' || i, NULL, '+4420' || lpad((79460000 + i)::text, 8, '0'), "
+                "'acct-' || i, now() - interval '1 hour' FROM generate_series(1, :rows) AS i"
+            ),
+            {"rows": ROWS},
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO email_addr_bean_rel SELECT 'rel-' || i, 'ea-' || i, i, "
+                "CASE WHEN i % 10 = 0 THEN 'Accounts' ELSE 'Contacts' END, 1, 0, "
+                "localtimestamp - interval '1 hour' + (i / 4) * interval '1 millisecond' FROM generate_series(1, :rows) AS i"
+            ),
+            {"rows": ROWS},
+        )
+    with crm.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text("ANALYZE"))
+    feed = (
+        '[[syncs.changes]]\ntable = "email_addr_bean_rel"\nkey = "bean_id"\nwatermark = "date_modified"\n'
+        "filter = \"bean_module = 'Contacts' AND deleted = 0\"\n"
+    )
+    try:
+        with start_in_thread(SimulatorConfig(tokens=(TOKEN,), store="count")) as api:
+            config = write_config(
+                tmp_path / "syncd.toml",
+                source_url=crm.url,
+                api_url=api.url,
+                state_url=f"sqlite:///{tmp_path / 'state.db'}",
+                tables=feed,
+            )
+            with Runtime.open(load_config(config)) as runtime:
+                runner = runtime.runners["contacts"]
+                assert runner.run_cycle().outcome == "ok"  # the backfill and the feed's first pass
+                engine = runner.reader.source.engine
+                sent: list[tuple[str, Any]] = []
+
+                def capture(conn, cursor, statement, parameters, context, executemany) -> None:
+                    sent.append((statement, parameters))
+
+                sa.event.listen(engine, "before_cursor_execute", capture)
+                try:
+                    idle = runner.run_cycle()
+                finally:
+                    sa.event.remove(engine, "before_cursor_execute", capture)
+                assert (idle.outcome, idle.rows_read, idle.sent) == ("ok", 0, 0)
+
+                reads = [(s, p) for s, p in sent if "email_addr_bean_rel" in s and "ORDER BY" in s.upper()]
+                assert reads, f"the idle cycle did not read the feed: {[s for s, _ in sent]}"
+                with engine.connect() as conn:
+                    for statement, parameters in reads:
+                        (plan,) = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement, parameters).scalar()
+                        shown = f"{statement}\n{parameters}\n{plan}"
+                        nodes = [n for n in plan_nodes(plan["Plan"]) if n.get("Relation Name") == "email_addr_bean_rel"]
+                        (scan,) = nodes
+                        assert scan["Node Type"] in ("Index Scan", "Index Only Scan"), shown
+                        assert scan["Index Name"] == FEED_INDEX, shown
+                        assert "ROW(date_modified, bean_id) > ROW(" in scan["Index Cond"], shown
+                        assert "Sort" not in {n["Node Type"] for n in plan_nodes(plan["Plan"])}, shown
+    finally:
+        crm.dispose()

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 
 from syncd.config import SourceConfig, SyncConfig
 from syncd.source import Source, SourceError
+from syncd.state import Cursor
 
 from .crm import Crm, contact, write_config
 from .test_pipeline import api, once, pushed_records, state_url, stored  # noqa: F401  (fixtures)
@@ -126,3 +127,86 @@ def test_missing_table_and_column_are_named(sqlite_url):
     reader = Source("crm", SourceConfig(url=sqlite_url)).reader(sync_config(table="nope"))
     with pytest.raises(SourceError, match="table 'nope' not found"):
         list(reader.changed_rows(None, 10))
+
+
+def query_sync(query: str, **extra) -> SyncConfig:
+    return SyncConfig.model_validate(
+        {
+            "name": "contacts",
+            "source": "crm",
+            "query": query,
+            "key": "id",
+            "watermark": "updated_at",
+            "settle": "0s",
+            "datastore_id": "1466",
+            "feed_id": "1499",
+            "fields": {"firstname": "first_name", "tag": "tag"},
+            **extra,
+        }
+    )
+
+
+def test_a_query_model_is_read_as_written(source_url):
+    """Colons and percent signs in the operator's SQL are text, not parameters, and a trailing
+    comment does not swallow the wrapping; the key keeps its type, so stored (text) keys
+    find their rows again."""
+    crm = Crm(source_url)
+    crm.insert([contact(i, first_name=f"{'Ann' if i % 2 else 'Bob'}{i}") for i in range(1, 7)])
+    query = "SELECT id, first_name, updated_at, 'at 10:30 :x 100%' AS tag FROM contacts WHERE first_name LIKE 'A%' -- the A's"
+    reader = Source("crm", SourceConfig(url=source_url)).reader(query_sync(query))
+    rows = read_all(reader)
+    assert [row[0] for row in rows] == [1, 3, 5]
+    assert {row[reader.sync.columns.index("tag")] for row in rows} == {"at 10:30 :x 100%"}
+    assert [row[0] for rows in reader.rows_by_keys(["3", "4", "5"]) for row in rows] == [3, 5]
+    assert [row[0] for row in read_all(reader, reader.position(rows[0]))] == [3, 5]
+    reader.source.dispose()
+    crm.dispose()
+
+
+def test_the_filter_is_a_condition_or_a_verdict(source_url):
+    crm = Crm(source_url, deleted=True)
+    crm.insert([contact(i, deleted=int(i in (2, 4))) for i in range(1, 6)])
+    sync = sync_config().model_copy(update={"filter": "deleted = 0"})
+    reader = Source("crm", SourceConfig(url=source_url)).reader(sync)
+    assert [row[0] for row in read_all(reader)] == [1, 3, 5]  # previews and lookups: the model's rows only
+    every = [row for rows in reader.changed_rows(None, 100, membership=True) for row in rows]
+    members, outside = reader.split(every)
+    assert [row[0] for row in members] == [1, 3, 5] and outside == ["2", "4"]
+    assert [row[0] for rows in reader.rows_by_keys(["1", "2"]) for row in rows] == [1]
+    assert reader.existing_keys(["1", "2", "99"]) == {"1", "2"}
+    reader.source.dispose()
+    crm.dispose()
+
+
+def test_a_sqlite_query_model_that_starts_empty_learns_its_types_from_its_first_rows(sqlite_url):
+    engine = sa.create_engine(sqlite_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE people (id INTEGER PRIMARY KEY, first_name TEXT, version INTEGER NOT NULL)"))
+    sync = query_sync("SELECT id, first_name, version AS updated_at, 'x' AS tag FROM people")
+    reader = Source("crm", SourceConfig(url=sqlite_url)).reader(sync)
+    assert read_all(reader) == []
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO people VALUES (1, 'a', 7), (2, 'b', 3)"))
+    rows = read_all(reader)
+    assert [row[0] for row in rows] == [2, 1]  # ordered by the integer version
+    assert reader.position(rows[-1]) == Cursor(7, 1)
+    reader.source.dispose()
+    engine.dispose()
+
+
+def test_a_query_model_with_uuid_keys_finds_stored_keys(postgres_url):
+    engine = sa.create_engine(postgres_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE people (id uuid PRIMARY KEY, first_name text, updated_at timestamp NOT NULL)"))
+        conn.execute(
+            sa.text(
+                "INSERT INTO people VALUES ('6f1b3c1e-0000-4000-8000-000000000001', 'a', now() - interval '1 minute'),"
+                " ('6f1b3c1e-0000-4000-8000-000000000002', 'b', now() - interval '1 minute')"
+            )
+        )
+    reader = Source("crm", SourceConfig(url=postgres_url)).reader(query_sync("SELECT id, first_name, updated_at, '' AS tag FROM people"))
+    rows = [row for rows in reader.rows_by_keys(["6f1b3c1e-0000-4000-8000-000000000002", "not-a-uuid"]) for row in rows]
+    assert [row[reader.sync.columns.index("first_name")] for row in rows] == ["b"]
+    assert reader.existing_keys(["6f1b3c1e-0000-4000-8000-000000000001"]) == {"6f1b3c1e-0000-4000-8000-000000000001"}
+    reader.source.dispose()
+    engine.dispose()
