@@ -59,10 +59,11 @@ class _Model:
         return rows
 
     def by_keys(self, keys: Sequence[str]) -> list[Sequence[Any]]:
-        try:
-            return [row for batch in self.reader.rows_by_keys(list(keys)) for row in batch]
-        except (TypeError, ValueError) as error:  # a key that cannot be the key column's type
-            raise ExplainError(f"key {', '.join(keys)}: not a value of the key column: {error}") from None
+        held = len(self.reader.typed_keys(keys))
+        if held != len(keys):  # an operator's typo, not a contact that left the model
+            bad = [key for key in keys if not self.reader.typed_keys([key])]
+            raise ExplainError(f"key {', '.join(bad)}: not a value of the key column {self.reader.sync.key!r}")
+        return [row for batch in self.reader.rows_by_keys(list(keys)) for row in batch]
 
     def as_dict(self, row: Sequence[Any]) -> dict[str, Any]:
         return {name: display_value(value) for name, value in zip(self.columns, row, strict=False)}

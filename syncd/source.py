@@ -398,7 +398,8 @@ class TableReader:
             return rows, []
         return [row for row in rows if row[-1]], outside
 
-    def _typed_keys(self, keys: Sequence[str]) -> list[Any]:
+    def typed_keys(self, keys: Sequence[str]) -> list[Any]:
+        """Stored (text) keys as values of the key column; a key the column cannot hold is left out."""
         key = self.table.c[self.sync.key]
         try:
             convert = key.type.python_type
@@ -751,7 +752,7 @@ class TableReader:
         return {key_text(row[0]): row[1] for rows in self._by_keys(query, key, keys) for row in rows}
 
     def _by_keys(self, query: sa.Select[Any], key: Any, keys: Sequence[str]) -> Iterator[list[Sequence[Any]]]:
-        typed = self._typed_keys(keys)
+        typed = self.typed_keys(keys)
         for start in range(0, len(typed), KEY_ROWS):
             try:
                 with self.source.engine.connect() as conn:

@@ -80,7 +80,7 @@ def config_for(crm: Crm, api_url: str, state_url: str, tmp_path, **kwargs):  # n
     return write_config(tmp_path / "syncd.toml", source_url=crm.url, api_url=api_url, state_url=state_url, **kwargs)
 
 
-NOWHERE = "http://127.0.0.1:9/x"  # `check` never calls the API
+NOWHERE = "http://127.0.0.1:9/x"  # for commands that never call the API
 
 
 def test_a_query_model_joins_related_tables(suite, api, state_url, tmp_path):  # noqa: F811
@@ -229,35 +229,34 @@ def test_a_duplicate_key_is_reported_and_never_pushed_back_and_forth(suite, api,
     assert pushed_records(api) == 4
 
 
-def test_check_verifies_a_query_model_by_data_without_index_advice(suite, tmp_path, capfd):
+def test_check_verifies_a_query_model_by_data_without_index_advice(suite, api, tmp_path, capfd):
     suite.insert([contact(i) for i in range(1, 4)])
-    config = config_for(suite, NOWHERE, f"sqlite:///{tmp_path / 'state.db'}", tmp_path, model=QUERY, tables=FEEDS)
+    config = config_for(suite, api.url, f"sqlite:///{tmp_path / 'state.db'}", tmp_path, model=QUERY, tables=FEEDS)
     code = main(["check", "-c", str(config)])
     out = capfd.readouterr().out
     assert code == 0, out
     assert "CREATE INDEX" not in out and "not unique" not in out and "NOT NULL" not in out
 
 
-def test_check_verifies_a_view_by_data(suite, tmp_path, capfd):
+def test_check_verifies_a_view_by_data(suite, api, tmp_path, capfd):
     suite.insert([contact(i) for i in range(1, 4)])
     with suite.engine.begin() as conn:
         conn.execute(sa.text("CREATE VIEW contact_people AS SELECT * FROM contacts WHERE deleted = 0"))
         conn.execute(sa.text("CREATE VIEW doubled AS SELECT * FROM contacts UNION ALL SELECT * FROM contacts WHERE id = 2"))
-    api = NOWHERE
-    config = config_for(suite, api, f"sqlite:///{tmp_path / 'state.db'}", tmp_path, table="contact_people")
+    config = config_for(suite, api.url, f"sqlite:///{tmp_path / 'state.db'}", tmp_path, table="contact_people")
     code = main(["check", "-c", str(config)])
     out = capfd.readouterr().out
     assert code == 0, out
     assert "CREATE INDEX" not in out and "not unique" not in out and "NOT NULL" not in out
 
-    config = config_for(suite, api, f"sqlite:///{tmp_path / 'state.db'}", tmp_path, table="doubled")
+    config = config_for(suite, api.url, f"sqlite:///{tmp_path / 'state.db'}", tmp_path, table="doubled")
     assert main(["check", "-c", str(config)]) == 1
     (error,) = [line for line in capfd.readouterr().out.splitlines() if line.startswith("error")]
     assert "sync contacts" in error and "key 'id' is not unique" in error and "2 (2 rows)" in error
 
 
-def test_check_names_a_failing_query_and_a_bad_filter(suite, tmp_path, capfd):
-    api = NOWHERE
+def test_check_names_a_failing_query_and_a_bad_filter(suite, api, tmp_path, capfd):
+    api = api.url
     state = f"sqlite:///{tmp_path / 'state.db'}"
     config = config_for(suite, api, state, tmp_path, model='query = "SELECT id, updated_at, phone FROM no_such_table"', fields='msisdn = "phone"')
     assert main(["check", "-c", str(config)]) == 1

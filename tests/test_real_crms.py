@@ -187,7 +187,7 @@ def syncd(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "syncd.cli", *args], capture_output=True, text=True, timeout=180)
 
 
-def test_syncd_checks_a_plain_table_of_each_crm(real_crm: CrmFixture, tmp_path: Path):
+def test_syncd_checks_a_plain_table_of_each_crm(real_crm: CrmFixture, datastore, tmp_path: Path):
     table, key, watermark, fields = PLAIN[real_crm.name]
     (tmp_path / "api-token").write_text(TOKEN + "\n")
     config = tmp_path / "syncd.toml"
@@ -197,7 +197,7 @@ def test_syncd_checks_a_plain_table_of_each_crm(real_crm: CrmFixture, tmp_path: 
 url = "sqlite:///{tmp_path / 'state.db'}"
 
 [api]
-url = "http://127.0.0.1:9/add-contacts"
+url = "{datastore.url}"
 token_file = "{tmp_path / 'api-token'}"
 
 [sources.crm]
@@ -296,25 +296,7 @@ def test_readme_models_are_sql_that_selects_exactly_the_contacts(real_crm: CrmFi
         assert found and found <= {real_crm.key(p) for p in real_crm.people}
 
 
-# -- the READMEs' configs run by syncd. These need features being built on other branches;
-# the lead removes the marks when merging them (strict=False: an early pass is no failure).
-
-NEEDS_MODELS = "needs query/filter models, [[syncs.changes]] and [syncs.removed] from branch models"
-NEEDS_MAPPING = "needs region from a column, mobile_only, the email and name transforms, blanks as missing from branch mapping"
-NEEDS_TIME = "needs [sources] timezone (every README config sets it), the bound in that frame and outside the current tick from branch time"
-# Checked before the merge on a scratch merge of models + mapping without the `timezone`
-# lines: all passed (with a PostgreSQL database of their own, see the report) except the
-# late-commit and same-second tests, which failed on the very losses the time branch fixes.
-needs_branches = pytest.mark.xfail(reason=f"{NEEDS_MODELS}; {NEEDS_MAPPING}; {NEEDS_TIME}", strict=False)
-EXPECTED_TO_FAIL_BEFORE_MERGE = (
-    "test_readme_config_sends_the_right_contacts",
-    "test_region_comes_from_the_row_not_the_default",
-    "test_an_edit_in_a_related_table_arrives_in_the_next_once",
-    "test_a_contact_deleted_after_sending_is_removed_and_unsubscribed",
-    "test_a_model_with_duplicate_keys_is_reported_not_flipped",
-    "test_naive_utc_under_a_berlin_session_with_a_late_commit",
-    "test_same_second_updates_at_second_precision_with_no_settle",
-)
+# -- the READMEs' configs run by syncd
 
 
 def once(config: Path) -> subprocess.CompletedProcess[str]:
@@ -360,7 +342,6 @@ def assert_record(crm: CrmFixture, person: Person, record: dict) -> None:
     assert all(str(value).strip() for value in record.values()), f"a blank attribute was sent: {record}"
 
 
-@needs_branches
 def test_readme_config_sends_the_right_contacts(real_crm: CrmFixture, datastore, tmp_path):
     config = readme_config(real_crm, tmp_path, datastore.url)
     result = once(config)
@@ -387,7 +368,6 @@ def test_readme_config_sends_the_right_contacts(real_crm: CrmFixture, datastore,
     assert status(config)["dead_letters"] == len(bad)
 
 
-@needs_branches
 def test_region_comes_from_the_row_not_the_default(suitecrm, datastore, tmp_path):
     """With a British default region, German national numbers still get +49 from the row's
     country (they are valid-looking UK numbers otherwise)."""
@@ -419,7 +399,6 @@ def change_email(crm: CrmFixture, person: Person, address: str) -> None:
         crm.save(person, "vtiger_contactdetails", email=address)
 
 
-@needs_branches
 def test_an_edit_in_a_related_table_arrives_in_the_next_once(real_crm: CrmFixture, datastore, tmp_path):
     config = readme_config(real_crm, tmp_path, datastore.url)
     assert once(config).returncode == 0
@@ -442,7 +421,6 @@ def test_an_edit_in_a_related_table_arrives_in_the_next_once(real_crm: CrmFixtur
     assert records_pushed(datastore, since=before) == 2  # exactly those two contacts
 
 
-@needs_branches
 def test_a_contact_deleted_after_sending_is_removed_and_unsubscribed(real_crm: CrmFixture, datastore, tmp_path):
     config = readme_config(real_crm, tmp_path, datastore.url)
     assert once(config).returncode == 0
@@ -471,7 +449,6 @@ SELECT c.id, c.first_name, c.last_name, c.phone_mobile, c.primary_address_countr
 """
 
 
-@needs_branches
 def test_a_model_with_duplicate_keys_is_reported_not_flipped(suitecrm, datastore, tmp_path):
     """A plain LEFT JOIN model, and a contact with two addresses flagged primary (imports
     leave those behind): the key is reported, and the contact is not sent back and forth."""
@@ -493,7 +470,6 @@ def test_a_model_with_duplicate_keys_is_reported_not_flipped(suitecrm, datastore
     assert records_pushed(datastore) == pushed  # nothing flips back and forth
 
 
-@needs_branches
 def test_naive_utc_under_a_berlin_session_with_a_late_commit(odoo, datastore, tmp_path):
     """Odoo writes `write_date` in UTC, the database session is in Europe/Berlin, and a
     transaction commits after a later one while the daemon polls: both changes arrive."""
@@ -551,7 +527,6 @@ def cycles_run(port: int) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("syncd_cycles_total"))
 
 
-@needs_branches
 def test_same_second_updates_at_second_precision_with_no_settle(suitecrm, datastore, tmp_path):
     """MariaDB DATETIME has whole seconds: a row of second S with a lower key, committed after
     a cycle read a row of S, must still arrive (the bound never reaches into S while S lasts)."""
