@@ -57,16 +57,32 @@ def _entry(name: str, row: SyncStatus | None, backlog: int | None, *, paused: bo
             "records_sent": 0,
             "backlog": backlog,
             "dead_letters": 0,
+            "running": False,
+            "progress": None,
+            "owner": None,
+            "last_success_at": None,
         }
+    state = "running" if row.running and row.state == "never_run" else row.state
     return {
         "name": name,
-        "state": "paused" if paused else row.state,
+        "state": "paused" if paused else state,
         "watermark": display_value(row.watermark),
         "last_run_at": _iso(row.last_run_at),
         "last_error": row.last_error,
         "records_sent": row.records_sent,
         "backlog": backlog,
         "dead_letters": row.dead_letters,
+        # The cycle running now (by the state database's clock), with its progress so far.
+        "running": row.running,
+        "progress": {
+            "since": _iso(row.cycle_started_at),
+            "rows_read": row.cycle_rows_read or 0,
+            "sent": row.cycle_sent or 0,
+        }
+        if row.running
+        else None,
+        "owner": row.owner if row.running else None,
+        "last_success_at": _iso(row.last_success_at),
     }
 
 
