@@ -4,7 +4,8 @@ another takes it over, and a daemon that lost its lease sends nothing more."""
 from __future__ import annotations
 
 import signal
-import threading
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -215,3 +216,16 @@ def test_a_lease_shorter_than_a_request_is_a_config_error(crm, api, tmp_path, ca
     assert main(["check", "-c", str(path)]) == 2
     error = capsys.readouterr().err
     assert "state.lease (2s)" in error and "api.timeout_s (1s)" in error
+
+
+def test_migrate_run_five_times_at_once_on_an_empty_state_database_all_succeed(crm, api, tmp_path):
+    """The start-up of N daemons without their other work: migrations and sync rows, concurrently."""
+    path = scale_out_config(tmp_path, crm, api)
+    command = [sys.executable, "-m", "syncd.cli", "migrate", "-c", str(path)]
+    started = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(5)]
+    outputs = [process.communicate(timeout=120)[0] for process in started]
+    assert [process.returncode for process in started] == [0] * 5, outputs
+    assert all("is up to date" in output for output in outputs)
+    state = StateStore(crm.url)
+    assert [row.name for row in state.status()] == ["contacts"]
+    state.close()
