@@ -1,7 +1,9 @@
 """`syncd status`: where each sync stands, from the state database and a live backlog count.
 
 The JSON shape is part of the contract (DESIGN.md): `{"syncs": [{"name", "state",
-"watermark", "last_run_at", "last_error", "records_sent", "backlog", "dead_letters"}]}`.
+"watermark", "last_run_at", "last_error", "records_sent", "backlog", "dead_letters"}]}`, and
+since scale-out `running`, `progress` (`since`, `rows_read`, `sent` of the cycle running now),
+`owner` (the daemon running it) and `last_success_at`.
 """
 
 from __future__ import annotations

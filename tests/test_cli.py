@@ -40,6 +40,10 @@ def test_status_json_follows_the_contract(sqlite_url, api, state_url, tmp_path):
                 "records_sent": 0,
                 "backlog": 6,
                 "dead_letters": 0,
+                "running": False,
+                "progress": None,
+                "owner": None,
+                "last_success_at": None,
             }
         ]
     }
@@ -51,6 +55,7 @@ def test_status_json_follows_the_contract(sqlite_url, api, state_url, tmp_path):
     assert after["dead_letters"] == 1
     assert after["backlog"] == 1
     assert after["watermark"] is not None and after["last_run_at"] is not None
+    assert after["last_success_at"] == after["last_run_at"] and after["running"] is False
 
     table = syncd("status", "-c", str(config)).stdout
     assert table.splitlines()[0].split()[:3] == ["SYNC", "STATE", "WATERMARK"]
