@@ -19,11 +19,12 @@ from syncd.cli import main
 from syncd.config import load_config
 from syncd.runtime import Runtime
 from syncd.simulator import SimulatorConfig, start_in_thread
-from syncd.state import StateError, StateStore
+from syncd.state import LeaseLost, StateError, StateStore
 from syncd.status import collect_status
 
 from .crm import TOKEN, Crm, contact, wait_for, write_config
-from .test_daemon import RunningDaemon, daemons  # noqa: F401  (fixture)
+from .test_daemon import daemons  # noqa: F401  (fixture)
+from .test_delivery import Api, deliverer, records, response
 from .test_pipeline import pushed_records
 
 OTHER_TOKEN = "test-token-second-7d2b"  # the second daemon's key: the simulator tells their requests apart
@@ -229,3 +230,35 @@ def test_migrate_run_five_times_at_once_on_an_empty_state_database_all_succeed(c
     state = StateStore(crm.url)
     assert [row.name for row in state.status()] == ["contacts"]
     state.close()
+
+
+class Fence:
+    """A lease as the Deliverer sees it: held for `holds` checks, lost after (a takeover)."""
+
+    def __init__(self, holds: int) -> None:
+        self.holds = holds
+        self.checked: list[float] = []
+
+    def ensure(self, seconds: float) -> None:
+        self.checked.append(seconds)
+        if len(self.checked) > self.holds:
+            raise LeaseLost("contacts")
+
+    def check(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("holds", [1, 2])
+def test_every_attempt_retries_included_proves_the_lease_first(tmp_path, holds):
+    endpoint = Api()
+    endpoint.answers = [response(429, {"statuscode": 429}, headers={"retry-after": "0.2"})]
+    deliver, _ = deliverer(tmp_path, endpoint)  # api.timeout_s = 1
+    deliver.fence = fence = Fence(holds)
+    if holds == 1:  # taken over while the batch waited on Retry-After: the retry never goes out
+        with pytest.raises(LeaseLost):
+            deliver.deliver("1466", "1499", records(3))
+        assert len(endpoint.requests) == 1
+    else:
+        assert deliver.deliver("1466", "1499", records(3)).complete
+        assert len(endpoint.requests) == 2
+    assert fence.checked == [2.0, 2.0]  # before each attempt: the request's timeout plus the 1 s margin
