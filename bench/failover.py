@@ -60,7 +60,8 @@ def main() -> int:
             print(f"trial {trial + 1} {fault}: {result}", file=sys.stderr, flush=True)
     print(f"\nlease {args.lease:g} s, interval {args.interval:g} s, api.timeout_s 1 s, {args.rows:,} rows, "
           f"batches of 50, max_in_flight 2, simulator latency 50 ms; {args.trials} trials per fault\n")
-    print("| fault | failover s (median, max) | in leases (max) | duplicates (median, max) | posts by the stalled owner after SIGCONT |")
+    print("| fault | failover s (median, max) | in leases (max) | duplicates (median, max) "
+          "| posts by the stalled owner after SIGCONT |")
     print("|---|---:|---:|---:|---:|")
     for fault, runs in results.items():
         seconds = [r["failover_s"] for r in runs]
@@ -189,7 +190,8 @@ def wait(condition: Any, timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
     while not (value := condition()):
         if time.monotonic() > deadline:
-            raise SystemExit(f"failover bench: timed out waiting for {what} (daemon logs in {tempfile.gettempdir()}/syncd-failover-*)")
+            logs = f"{tempfile.gettempdir()}/syncd-failover-*"
+            raise SystemExit(f"failover bench: timed out waiting for {what} (daemon logs in {logs})")
         time.sleep(0.02)
     return value
 

@@ -266,15 +266,18 @@ class SyncRunner:
                     pending.append((self._submit(pool, deliverer, batch), batch))
                     full = len(pending) >= self.api.max_in_flight
                     if full or pending[0][0].done():
-                        self._settle(report, _answered(pending, wait_for_one=full), failed, open_letters, committer, lease)
+                        answered = _answered(pending, wait_for_one=full)
+                        self._settle(report, answered, failed, open_letters, committer, lease)
                     if failed or self.should_stop():
                         break
             finally:
                 try:
-                    while pending and lease.lost is None:  # what is on the wire still lands; its digests are kept
-                        self._settle(report, _answered(pending, wait_for_one=True), failed, open_letters, committer, lease)
+                    # What is on the wire still lands; its digests are kept. Not under a lost lease.
+                    while pending and lease.lost is None:
+                        answered = _answered(pending, wait_for_one=True)
+                        self._settle(report, answered, failed, open_letters, committer, lease)
                 finally:
-                    for future, _ in pending:  # a lost lease: queued batches never start (running ones fail their fence)
+                    for future, _ in pending:  # lost: queued batches never start, running ones fail their fence
                         future.cancel()
                     stop_keeping()
                     committer.close()  # every answered batch is committed before the cycle ends

@@ -286,11 +286,12 @@ class ApiClient:
         self.tokens = tokens
         self.limiter = limiter
         self.timeout_s = config.timeout_s
+        quarter = config.timeout_s / 4
         self._http = httpx.Client(
             # The request is on the wire within timeout_s of the lease check (pool, connect,
             # headers and body each get a quarter), so the lease it was checked against still
             # holds when the API takes it; the answer may take timeout_s more.
-            timeout=httpx.Timeout(config.timeout_s, pool=config.timeout_s / 4, connect=config.timeout_s / 4, write=config.timeout_s / 4),
+            timeout=httpx.Timeout(config.timeout_s, pool=quarter, connect=quarter, write=quarter),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
             headers={"content-type": "application/json", "user-agent": "syncd"},
         )
