@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -82,6 +83,7 @@ def run_trial(args: argparse.Namespace, fault: str) -> dict[str, Any]:
     url = sa.make_url(args.dsn).update_query_dict({"options": f"-csearch_path={schema}"})
     crm = sa.create_engine(url)
     daemons: list[subprocess.Popen[bytes]] = []
+    tmp, done = "", None
     try:
         seed(crm, args.rows)
         tmp = tempfile.mkdtemp(prefix="syncd-failover-")  # the daemons' logs stay there
@@ -107,13 +109,16 @@ def run_trial(args: argparse.Namespace, fault: str) -> dict[str, Any]:
                     1 for r in api.requests() if r["key"] == "key#1" and r["time"] > resumed and r["status"] == 200
                 )
             result["duplicates"] = api.received("1466") - len(api.records("1466"))
-            return result
+        done = result
+        return result
     finally:
         for daemon in daemons:
             if daemon.poll() is None:
                 daemon.send_signal(signal.SIGCONT)
                 daemon.kill()
             daemon.wait()
+        if done is not None:
+            shutil.rmtree(tmp)  # the daemons' logs stay only when a trial fails
         crm.dispose()
         with admin.begin() as conn:
             conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
