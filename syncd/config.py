@@ -51,6 +51,10 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _NAME = r"^[a-z0-9_-]+$"
 
+# A daemon sends only while its lease outlasts the request by this much (DESIGN.md §9):
+# the time from the check to the bytes on the wire, and clock-rate differences.
+LEASE_MARGIN_S = 1.0
+
 class ConfigError(Exception):
     """A config that cannot be used; the message is meant for the operator as-is."""
 
@@ -423,6 +427,21 @@ class Config(BaseSettings):
                     f"sync {sync.name!r} uses source {sync.source!r}, which is not defined "
                     f"(sources: {known})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _lease_outlasts_a_request(self) -> Config:
+        """With a PostgreSQL state database (scale-out), a lease must cover a whole request."""
+        try:
+            backend = sa.make_url(self.state.url).get_backend_name()
+        except sa.exc.ArgumentError:
+            return self  # reported when the state database is opened
+        lease = self.state.lease.total_seconds()
+        if backend == "postgresql" and lease <= self.api.timeout_s + LEASE_MARGIN_S:
+            raise ValueError(
+                f"state.lease ({lease:g}s) must be longer than api.timeout_s ({self.api.timeout_s:g}s) "
+                f"plus {LEASE_MARGIN_S:g}s: a daemon sends a request only while its lease outlasts it"
+            )
         return self
 
     def sync(self, name: str) -> SyncConfig:

@@ -48,7 +48,18 @@ from syncd.mapping import MappedRows, Mapping, compile_mapping, map_rows
 from syncd.metrics import Metrics
 from syncd.offload import Offload
 from syncd.source import Bound, SourceError, TableReader, prefetched
-from syncd.state import Cursor, DeadLetter, LeaseLost, PushRecord, StateStore, db_error_line, display_value, key_text
+from syncd.state import (
+    Cursor,
+    DeadLetter,
+    Lease,
+    LeaseLost,
+    PushRecord,
+    StateError,
+    StateStore,
+    db_error_line,
+    display_value,
+    key_text,
+)
 
 __all__ = ["CycleReport", "SyncRunner"]
 
@@ -256,8 +267,10 @@ class SyncRunner:
                 report.outcome, report.error = "failing", str(error)
             except sa.exc.DBAPIError as error:  # the state database (the source's are SourceError)
                 report.outcome, report.error = "failing", f"state database: {db_error_line(error)}"
-            except LeaseLost:
-                report.outcome, report.error = "skipped", "another syncd took this sync over"
+            except StateError as error:
+                report.outcome, report.error = "failing", str(error)
+            except LeaseLost as error:  # what was read under it was dropped, not sent
+                report.outcome, report.error = "skipped", str(error)
             report.duration_s = time.perf_counter() - started
             self._finish(report)
         return report
@@ -275,12 +288,13 @@ class SyncRunner:
         if not self._schema_checked:
             self.warm_up()
         self._learn_key_uniqueness()
-        if not self.state.acquire_lease(self.sync.name, self.lease):
+        lease = self.state.acquire_lease(self.sync.name, self.lease)
+        if lease is None:
             owner, until = self.state.lease_holder(self.sync.name)
             held = f" (lease until {until:%H:%M:%S} UTC)" if until else ""
             report.outcome, report.error = "skipped", f"running on {owner or 'another syncd'}{held}"
             return
-        deliverer = Deliverer(self.client, self.api, kind=report.kind, should_stop=self.should_stop)
+        deliverer = Deliverer(self.client, self.api, kind=report.kind, should_stop=self.should_stop, fence=lease)
         open_letters = self.state.open_dead_letter_count(self.sync.name) > 0
         self._has_removals = self.state.removal_count(self.sync.name) > 0
         # A first backfill has nothing to compare with: skip the per-batch digest lookups.
@@ -290,23 +304,32 @@ class SyncRunner:
         pending: deque[tuple[Future[DeliveryResult], _Batch]] = deque()
         failed: list[DeliveryResult] = []
         committer = _Committer(self.state.commit_batch, name=f"commit-{self.sync.name}")
+        stop_keeping = lease.keep()  # renews every quarter lease, however long a read or a retry takes
         with ThreadPoolExecutor(self.api.max_in_flight, thread_name_prefix=f"push-{self.sync.name}") as pool:
             try:
                 for batch in batches(report):
+                    lease.check()  # lost: this batch and the rest of the cycle are dropped
                     pending.append((self._submit(pool, deliverer, batch), batch))
                     full = len(pending) >= self.api.max_in_flight
                     if full or pending[0][0].done():
-                        self._settle(report, _answered(pending, wait_for_one=full), failed, open_letters, committer)
+                        self._settle(report, _answered(pending, wait_for_one=full), failed, open_letters, committer, lease)
                     if batch.barrier:  # what comes next compares with what this committed
                         while pending and not failed:
-                            self._settle(report, _answered(pending, wait_for_one=True), failed, open_letters, committer)
+                            self._settle(report, _answered(pending, wait_for_one=True), failed, open_letters, committer, lease)
                         committer.flush()
                     if failed or self.should_stop():
                         break
             finally:
-                while pending:  # what is on the wire still lands; its digests are kept
-                    self._settle(report, _answered(pending, wait_for_one=True), failed, open_letters, committer)
-                committer.close()  # every answered batch is committed before the cycle ends
+                try:
+                    # What is on the wire still lands; its digests are kept. Not under a lost lease.
+                    while pending and lease.lost is None:
+                        answered = _answered(pending, wait_for_one=True)
+                        self._settle(report, answered, failed, open_letters, committer, lease)
+                finally:
+                    for future, _ in pending:  # lost: queued batches never start, running ones fail their fence
+                        future.cancel()
+                    stop_keeping()
+                    committer.close()  # every answered batch is committed before the cycle ends
         if failed:
             self._fail(report, failed[0])
         elif report.outcome == "ok":
@@ -606,6 +629,7 @@ class SyncRunner:
         failed: list[DeliveryResult],
         open_letters: bool,
         committer: _Committer,
+        lease: Lease,
     ) -> None:
         """Commit answered batches (in read order) in one state transaction.
 
@@ -683,7 +707,8 @@ class SyncRunner:
                 pushes=pushes,
                 dead_letters=dead,
                 resolve_keys=resolve,
-                lease_ttl=self.lease,
+                lease=lease,  # fenced by owner and generation; renews the lease
+                progress=(report.rows_read, report.sent + len(acked)),
                 **model,
             )
         report.sent += len(acked) + records_of_removals

@@ -22,14 +22,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import orjson
 import structlog
 
-from syncd.config import ApiConfig, SecretFileError, read_secret_file
-from syncd.state import PushRecord, utcnow
+from syncd.config import LEASE_MARGIN_S, ApiConfig, SecretFileError, read_secret_file
+from syncd.state import PushRecord, StateError, utcnow
 
 __all__ = [
     "Ack",
@@ -39,7 +39,9 @@ __all__ = [
     "ConfigurationError",
     "Deliverer",
     "DeliveryResult",
+    "Fence",
     "RateLimiter",
+    "SharedRateLimiter",
     "RejectedError",
     "RetryableError",
     "ThrottledError",
@@ -241,6 +243,40 @@ class RateLimiter:
             time.sleep(slot - now)
 
 
+class SharedRateLimiter(RateLimiter):
+    """`requests_per_second` for the whole deployment (PostgreSQL state database).
+
+    Every daemon takes each request's slot from one row of the state database
+    (`StateStore.reserve_request`: the next free slot by the database's clock, moved on by
+    1/rps), so N daemons together stay under the ceiling, whichever syncs each one runs.
+    One short write per request; when the state database cannot be reached the request
+    waits on the local bucket (and cannot prove its lease anyway).
+    """
+
+    def __init__(self, per_second: float, reserve: Callable[[float], float]) -> None:
+        super().__init__(per_second)
+        self._reserve = reserve
+
+    def acquire(self) -> None:
+        if self.per_second <= 0:
+            return
+        try:
+            wait = self._reserve(1.0 / self.per_second)
+        except StateError:
+            super().acquire()
+            return
+        if wait > 0:
+            time.sleep(wait)
+
+
+class Fence(Protocol):
+    """What a send must prove first: that this daemon holds the sync's lease (state.Lease)."""
+
+    def ensure(self, seconds: float) -> None: ...  # raises LeaseLost unless held `seconds` longer
+
+    def check(self) -> None: ...  # raises LeaseLost once lost
+
+
 class ApiClient:
     """One keep-alive HTTP client for the Add-contacts endpoint; thread-safe."""
 
@@ -248,8 +284,13 @@ class ApiClient:
         self.url = config.url
         self.tokens = tokens
         self.limiter = limiter
+        self.timeout_s = config.timeout_s
+        quarter = config.timeout_s / 4
         self._http = httpx.Client(
-            timeout=httpx.Timeout(config.timeout_s),
+            # The request is on the wire within timeout_s of the lease check (pool, connect,
+            # headers and body each get a quarter), so the lease it was checked against still
+            # holds when the API takes it; the answer may take timeout_s more.
+            timeout=httpx.Timeout(config.timeout_s, pool=quarter, connect=quarter, write=quarter),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
             headers={"content-type": "application/json", "user-agent": "syncd"},
         )
@@ -257,8 +298,19 @@ class ApiClient:
     def close(self) -> None:
         self._http.close()
 
-    def push(self, datastore_id: str, feed_id: str, records: Sequence[dict[str, Any] | bytes]) -> Ack:
-        """POST one batch; records may come already encoded (the sync cycle encodes each once)."""
+    def push(
+        self,
+        datastore_id: str,
+        feed_id: str,
+        records: Sequence[dict[str, Any] | bytes],
+        *,
+        fence: Fence | None = None,
+    ) -> Ack:
+        """POST one batch; records may come already encoded (the sync cycle encodes each once).
+
+        `fence`: checked last before the request goes out (after the rate limiter's wait),
+        for as long as the request can take to reach the API; it raises LeaseLost to forbid it.
+        """
         if records and type(records[0]) is bytes:  # the sync cycle's: encoded once, when mapped
             encoded = b",".join(records)  # type: ignore[arg-type]
         else:
@@ -269,10 +321,11 @@ class ApiClient:
             encoded,
         )
         self.limiter.acquire()
+        headers = {"authorization": f"Bearer {self.tokens.get()}"}
+        if fence is not None:
+            fence.ensure(self.timeout_s + LEASE_MARGIN_S)
         try:
-            response = self._http.post(
-                self.url, content=body, headers={"authorization": f"Bearer {self.tokens.get()}"}
-            )
+            response = self._http.post(self.url, content=body, headers=headers)
         except httpx.TimeoutException as error:
             raise RetryableError(f"timed out: {type(error).__name__}") from None
         except httpx.TransportError as error:
@@ -308,10 +361,12 @@ class Deliverer:
         kind: str = "sync",
         sleep: Callable[[float], None] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
+        fence: Fence | None = None,
     ) -> None:
         self.client = client
         self.config = config
         self.kind = kind
+        self.fence = fence  # every attempt, retries included, proves the lease first
         self.sleep = sleep or self._sleep_unless_stopping
         self.should_stop = should_stop
         self._random = random.Random()
@@ -356,7 +411,7 @@ class Deliverer:
             attempt += 1
             started, clock = utcnow(), time.perf_counter()
             try:
-                ack = self.client.push(datastore_id, feed_id, records)
+                ack = self.client.push(datastore_id, feed_id, records, fence=self.fence)
             except ApiError as error:
                 result.pushes.append(self._record(started, clock, len(records), attempt, error=error))
                 if isinstance(error, AuthError) and not auth_retried:
@@ -397,6 +452,8 @@ class Deliverer:
         """Sleep in short slices, so a long Retry-After never holds up a drain."""
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0 and not self.should_stop():
+            if self.fence is not None:
+                self.fence.check()  # a lease lost meanwhile: this batch is dropped, not retried
             time.sleep(min(left, 0.25))
 
     def _backoff(self, attempt: int, error: ApiError) -> float:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from syncd.config import Config, SyncConfig
 from syncd.cycle import CycleReport, SyncRunner
-from syncd.delivery import ApiClient, RateLimiter, TokenSource
+from syncd.delivery import ApiClient, RateLimiter, SharedRateLimiter, TokenSource
 from syncd.logs import register_secret
 from syncd.metrics import Metrics
 from syncd.source import Source
@@ -44,11 +44,11 @@ class Runtime:
         migrating: Callable[[], AbstractContextManager[object]] = nullcontext,
     ) -> Runtime:
         _register_secrets(config)
-        state = StateStore(config.state.url)
+        state = StateStore(config.state.url, lease=config.state.lease)
         if migrate:
             state.migrate(migrating)  # `migrating` wraps a migration that really runs
         tokens = TokenSource(config.api, on_secret=register_secret)
-        client = ApiClient(config.api, tokens, limiter or RateLimiter(config.api.requests_per_second))
+        client = ApiClient(config.api, tokens, limiter or _rate_limiter(config, state))
         runtime = cls(config=config, state=state, client=client, metrics=metrics or Metrics())
         runtime.sources = {name: Source(name, source) for name, source in config.sources.items()}
         for sync in config.syncs:
@@ -102,6 +102,14 @@ class Runtime:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _rate_limiter(config: Config, state: StateStore) -> RateLimiter:
+    """On a PostgreSQL state database several daemons may push: they share one ceiling there."""
+    rps = config.api.requests_per_second
+    if not state.postgres:
+        return RateLimiter(rps)
+    return SharedRateLimiter(rps, lambda interval: state.reserve_request(config.api.url, interval))
 
 
 def _register_secrets(config: Config) -> None:

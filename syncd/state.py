@@ -12,9 +12,11 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -28,15 +30,19 @@ import sqlalchemy as sa
 __all__ = [
     "Cursor",
     "DeadLetter",
+    "Lease",
     "LeaseLost",
     "PushRecord",
+    "StateError",
     "StateStore",
     "SyncStatus",
     "SYNC_STATES",
 ]
 
 SYNC_STATES = ("ok", "failing", "auth_error", "paused", "never_run")
-SCHEMA_REVISION = "0003"  # the newest migration; tests/test_state.py checks it against Alembic's head
+SCHEMA_REVISION = "0004"  # the newest migration; tests/test_state.py checks it against Alembic's head
+APPLICATION_NAME = "syncd"  # as source.py names its sessions
+DEFAULT_LEASE = timedelta(seconds=60)  # [state] lease's default (config.py)
 UPSERT_ROWS = 500  # digests per statement: 2,000 parameters, under every driver's limit
 
 metadata = sa.MetaData()
@@ -57,6 +63,17 @@ syncs_table = sa.Table(
     sa.Column("lease_until", sa.DateTime(timezone=True)),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("mapping_hash", sa.String(64)),  # the fields config every stored source_hash was taken under
+    sa.Column("lease_generation", sa.BigInteger, nullable=False, server_default="0"),  # +1 per takeover
+    sa.Column("cycle_started_at", sa.DateTime(timezone=True)),  # the running cycle, while one runs
+    sa.Column("cycle_rows_read", sa.BigInteger),
+    sa.Column("cycle_sent", sa.BigInteger),
+)
+
+rate_limits_table = sa.Table(  # PostgreSQL: the next free request slot, shared by every daemon
+    "rate_limits",
+    metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("next_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 pushes_table = sa.Table(
@@ -131,7 +148,112 @@ dead_letters_table = sa.Table(
 
 
 class LeaseLost(Exception):
-    """Another daemon owns this sync now; whatever this one was doing must not commit."""
+    """This daemon can no longer prove it owns the sync: nothing it read may be sent or committed."""
+
+    def __init__(self, sync: str, reason: str = "another syncd took this sync over") -> None:
+        super().__init__(f"lease on {sync} lost: {reason}")
+        self.sync = sync
+        self.reason = reason
+
+
+class StateError(Exception):
+    """The state database failed or timed out; the message is one line for the operator."""
+
+
+class Lease:
+    """This daemon's hold on one sync, as far as it can prove it (DESIGN.md §9).
+
+    The database times the lease: `lease_until` is its own clock plus the ttl, compared
+    in SQL, never with this host's wall clock. Locally the lease is `held_until`, a
+    monotonic time: the moment *before* the last successful renewal statement was sent,
+    plus the ttl. The database started that lease no earlier, so until `held_until` no
+    other daemon can have taken the sync over, whatever the two hosts' clocks say.
+    `generation` fences every commit: a takeover increments it.
+    """
+
+    def __init__(self, store: StateStore, sync: str, ttl: timedelta, generation: int, held_until: float) -> None:
+        self.store = store
+        self.sync = sync
+        self.ttl = ttl
+        self.generation = generation
+        self.held_until = held_until
+        self.lost: str | None = None  # why, once lost; a lost lease is never renewed
+        self.writing = threading.Lock()  # renewals and fenced commits of this lease, one at a time
+
+    def check(self) -> None:
+        """Raise LeaseLost once the lease is lost (no database round trip)."""
+        if self.lost is not None:
+            raise LeaseLost(self.sync, self.lost)
+
+    def ensure(self, seconds: float) -> None:
+        """Return only while the lease is provably held `seconds` longer; renew first if needed.
+
+        Called before every HTTP attempt with the longest that request can take. A failed
+        renewal loses the lease for good: what was read under it must be dropped.
+        """
+        # Only on SQLite (one host) may a lease be shorter than a request (config.py):
+        # there it only keeps a second local process out.
+        seconds = min(seconds, self.ttl.total_seconds() / 2)
+        self.check()
+        if time.monotonic() + seconds <= self.held_until:
+            return
+        with self.writing:
+            self.check()
+            if time.monotonic() + seconds <= self.held_until:
+                return  # another thread renewed it meanwhile
+            self._renew(lose_on_error=True)
+            if time.monotonic() + seconds > self.held_until:  # the renewal itself took that long
+                self.lose("the state database answered too slowly to renew the lease")
+
+    def renew(self) -> None:
+        """Renew now; a state database error leaves the lease as it was (ensure() decides)."""
+        with self.writing:
+            self.check()
+            self._renew(lose_on_error=False)
+
+    def renewed(self, started: float) -> None:
+        """A renewal statement sent at monotonic time `started` committed."""
+        self.held_until = max(self.held_until, started + self.ttl.total_seconds())
+
+    def lose(self, reason: str) -> None:
+        if self.lost is None:
+            self.lost = reason
+        raise LeaseLost(self.sync, self.lost)
+
+    def _renew(self, *, lose_on_error: bool) -> None:
+        started = time.monotonic()
+        try:
+            held = self.store.renew_lease(self)
+        except StateError as error:
+            if lose_on_error:
+                self.lose(f"cannot renew it: {error}")
+            raise
+        if not held:
+            self.lose("another syncd took this sync over")
+        self.renewed(started)
+
+    def keep(self) -> Callable[[], None]:
+        """Renew every quarter lease on a thread of its own, so a slow read or a long
+        Retry-After never lets the lease run out; returns the function that stops it."""
+        stop = threading.Event()
+
+        def keep() -> None:
+            while not stop.wait(self.ttl.total_seconds() / 4):
+                try:
+                    self.renew()
+                except LeaseLost:
+                    return
+                except StateError:
+                    continue  # the next send cannot prove the lease and ends the cycle
+
+        thread = threading.Thread(target=keep, name=f"lease-{self.sync}", daemon=True)
+        thread.start()
+
+        def stopped() -> None:
+            stop.set()
+            thread.join()
+
+        return stopped
 
 
 # ---------------------------------------------------------------------------- values
@@ -234,6 +356,10 @@ class SyncStatus:
     owner: str | None = None
     lease_until: datetime | None = None
     removed: int = 0  # keys that left the model (and have not come back)
+    running: bool = False  # a cycle runs now, under a lease that has not run out (by the database's clock)
+    cycle_started_at: datetime | None = None
+    cycle_rows_read: int | None = None
+    cycle_sent: int | None = None
 
 
 def db_error_line(error: BaseException) -> str:
@@ -260,10 +386,11 @@ def _aware(value: datetime | None) -> datetime | None:
 class StateStore:
     """All reads and writes of the state database."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, lease: timedelta = DEFAULT_LEASE) -> None:
         self.url = url
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.engine = _create_engine(url)
+        self.engine = _create_engine(url, lease)
+        self.postgres = self.engine.dialect.name == "postgresql"
         self._placeholder = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
 
     def close(self) -> None:
@@ -282,6 +409,12 @@ class StateStore:
         from alembic import command
 
         with migrating(), self.engine.begin() as conn:
+            if self.postgres:
+                # N daemons started at once on an empty database: one migrates, the others
+                # wait here, then find the schema current. Waiting is the point, so no timeouts.
+                conn.execute(sa.text("SET LOCAL lock_timeout = 0"))
+                conn.execute(sa.text("SET LOCAL statement_timeout = 0"))
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('syncd.migrate:' || current_schema()))"))
             command.upgrade(_alembic_config(conn), "head")
 
     def _revision(self) -> str | None:
@@ -303,14 +436,16 @@ class StateStore:
     # -- syncs
 
     def ensure_syncs(self, names: Iterable[str]) -> None:
+        """Add the syncs not known yet; several daemons may do it at once (ON CONFLICT DO NOTHING)."""
+        insert = _dialect_insert(self.engine)
         with self.engine.begin() as conn:
             existing = set(conn.scalars(sa.select(syncs_table.c.name)))
             for name in names:
                 if name not in existing:
                     conn.execute(
-                        syncs_table.insert().values(
-                            name=name, state="never_run", records_sent=0, created_at=utcnow()
-                        )
+                        insert(syncs_table)
+                        .values(name=name, state="never_run", records_sent=0, created_at=utcnow())
+                        .on_conflict_do_nothing(index_elements=["name"])
                     )
 
     def cursor(self, sync: str) -> Cursor | None:
@@ -324,36 +459,99 @@ class StateStore:
             return None
         return Cursor(decode_value(row.watermark), decode_value(row.watermark_key))
 
-    def acquire_lease(self, sync: str, ttl: timedelta) -> bool:
-        """Take or renew the right to run `sync`; False while another live owner holds it.
+    def acquire_lease(self, sync: str, ttl: timedelta) -> Lease | None:
+        """Take or renew the right to run a cycle of `sync`; None while another owner holds it.
 
-        An owner whose lease ran out is taken over; so is one on this host whose process
-        is gone (a `kill -9` must not block the next `syncd once` for a whole lease).
+        Claimable: no owner, our own, a lease run out by the database's clock, or an owner on
+        this host whose process is gone (a `kill -9` must not block the next `syncd once` for
+        a whole lease). Never waits on a row lock: a row locked by another session (a commit
+        in progress, or a stalled daemon's transaction) means "held" (SKIP LOCKED). A takeover
+        increments the generation; the cycle's progress starts again from zero.
         """
-        now = utcnow()
-        claimable = sa.or_(
-            syncs_table.c.owner.is_(None),
-            syncs_table.c.owner == self.owner,
-            syncs_table.c.lease_until < now,
-        )
+        started = time.monotonic()
         holder, _ = self.lease_holder(sync)
+        table = syncs_table.c
+        claimable = sa.or_(table.owner.is_(None), table.owner == self.owner, table.lease_until < self._now())
         if holder is not None and _dead_local_owner(holder):
-            claimable = sa.or_(claimable, syncs_table.c.owner == holder)
-        with self.engine.begin() as conn:
+            claimable = sa.or_(claimable, table.owner == holder)
+        if self.postgres:
+            free = sa.select(table.name).where(table.name == sync, claimable).with_for_update(skip_locked=True)
+            where = table.name.in_(free.scalar_subquery())
+        else:  # SQLite locks the whole database for a write, briefly
+            where = sa.and_(table.name == sync, claimable)
+        statement = (
+            syncs_table.update()
+            .where(where)
+            .values(
+                owner=self.owner,
+                lease_until=self._later(ttl),
+                lease_generation=sa.case(
+                    (table.owner == self.owner, table.lease_generation), else_=table.lease_generation + 1
+                ),
+                cycle_started_at=self._now(),
+                cycle_rows_read=0,
+                cycle_sent=0,
+            )
+            .returning(table.lease_generation)
+        )
+        with _state_errors("taking the lease"), self.engine.begin() as conn:
+            generation = conn.scalar(statement)
+        if generation is None:
+            return None
+        return Lease(self, sync, ttl, generation, started + ttl.total_seconds())
+
+    def renew_lease(self, lease: Lease) -> bool:
+        """Extend `lease` by its ttl from the database's now; False when it is not ours any more.
+
+        Callers hold `lease.writing`; the row lock may be waited for up to `lock_timeout`.
+        """
+        with _state_errors("renewing the lease"), self.engine.begin() as conn:
             result = conn.execute(
-                syncs_table.update()
-                .where(syncs_table.c.name == sync, claimable)
-                .values(owner=self.owner, lease_until=now + ttl)
+                syncs_table.update().where(self._fenced(lease)).values(lease_until=self._later(lease.ttl))
             )
         return result.rowcount == 1
 
     def release_lease(self, sync: str) -> None:
-        with self.engine.begin() as conn:
+        with _state_errors("releasing the lease"), self.engine.begin() as conn:
             conn.execute(
                 syncs_table.update()
                 .where(syncs_table.c.name == sync, syncs_table.c.owner == self.owner)
-                .values(owner=None, lease_until=None)
+                .values(owner=None, lease_until=None, cycle_started_at=None)
             )
+
+    def reserve_request(self, name: str, interval_s: float) -> float:
+        """Take the next request slot of `name` (PostgreSQL): seconds to wait before sending.
+
+        One row per API endpoint holds the next free slot, by the database's clock, so every
+        daemon on this state database shares one `requests_per_second` (GCRA, burst 1).
+        """
+        step = sa.literal(timedelta(seconds=interval_s), sa.Interval)
+        now = sa.func.clock_timestamp()
+        insert = _dialect_insert(self.engine)(rate_limits_table).values(name=name, next_at=now + step)
+        statement = insert.on_conflict_do_update(
+            index_elements=["name"],
+            set_={"next_at": sa.func.greatest(rate_limits_table.c.next_at, now) + step},
+        ).returning(sa.extract("epoch", rate_limits_table.c.next_at - step - now))
+        with _state_errors("taking a request slot"), self.engine.begin() as conn:
+            return float(conn.scalar(statement))
+
+    def _fenced(self, lease: Lease) -> sa.ColumnElement[bool]:
+        return sa.and_(
+            syncs_table.c.name == lease.sync,
+            syncs_table.c.owner == self.owner,
+            syncs_table.c.lease_generation == lease.generation,
+        )
+
+    def _now(self) -> sa.ColumnElement[Any]:
+        """The state database's clock, in the form its lease_until column compares with."""
+        if self.postgres:
+            return sa.func.clock_timestamp()
+        return sa.func.strftime("%Y-%m-%d %H:%M:%f000", "now")  # SQLAlchemy's text form of a DateTime
+
+    def _later(self, ttl: timedelta) -> sa.ColumnElement[Any]:
+        if self.postgres:
+            return sa.func.clock_timestamp() + sa.literal(ttl, sa.Interval)
+        return sa.func.strftime("%Y-%m-%d %H:%M:%f000", "now", f"{ttl.total_seconds():+.3f} seconds")
 
     def lease_holder(self, sync: str) -> tuple[str | None, datetime | None]:
         with self.engine.connect() as conn:
@@ -380,8 +578,16 @@ class StateStore:
             values["last_success_at"] = now
         if backlog is not None:
             values["backlog"] = backlog
+        if ran:  # the cycle is over; a cycle another daemon runs now stays shown as running
+            values["cycle_started_at"] = sa.case(
+                (syncs_table.c.owner == self.owner, sa.null()), else_=syncs_table.c.cycle_started_at
+            )
+        # A daemon that lost the sync (paused, cut off) does not overwrite the owner's state.
+        mine = sa.or_(
+            syncs_table.c.owner.is_(None), syncs_table.c.owner == self.owner, syncs_table.c.lease_until < self._now()
+        )
         with self.engine.begin() as conn:
-            conn.execute(syncs_table.update().where(syncs_table.c.name == sync).values(**values))
+            conn.execute(syncs_table.update().where(syncs_table.c.name == sync, mine).values(**values))
 
     def reset(self, sync: str, cursor: Cursor | None, *, forget: Iterable[Sequence[str]] | None) -> None:
         """Move the watermark (None = the beginning) and forget the digests of `forget`'s keys.
@@ -457,7 +663,8 @@ class StateStore:
         pushes: Sequence[PushRecord] = (),
         dead_letters: Sequence[DeadLetter] = (),
         resolve_keys: Sequence[str] = (),
-        lease_ttl: timedelta | None = None,
+        lease: Lease | None = None,
+        progress: tuple[int, int] | None = None,
         feed_cursors: Sequence[tuple[str, Cursor]] = (),
         removed: Sequence[tuple[str, str]] = (),
         returned: Sequence[str] = (),
@@ -465,14 +672,16 @@ class StateStore:
     ) -> None:
         """Record one batch's outcome atomically; `cursor=None` leaves the watermark alone.
 
+        With `lease`, the commit is fenced by owner and generation and renews the lease;
+        it raises LeaseLost (and writes nothing) when the sync is not ours any more.
+        `progress` is the running cycle's (rows read, records sent) so far, for `status`.
         `feed_cursors`: change feeds' new positions, `(feed, cursor)`. `removed`: keys that
         left the model, `(key, reason)`: their digests go, a removal is recorded. `returned`:
         acknowledged keys whose removal, if any, is over. `sent`: `(key, JSON)` of the
         attributes `[syncs.removed]` needs, for keys in `acked`.
-        Raises LeaseLost (and writes nothing) when another owner took the sync over.
         """
         now = utcnow()
-        with self.engine.begin() as conn:
+        with _fenced_write(lease), _state_errors("committing a batch"), self.engine.begin() as conn:
             values: dict[str, Any] = {}
             if cursor is not None:
                 values["watermark"] = encode_value(cursor.watermark)
@@ -480,15 +689,16 @@ class StateStore:
             acked_count = sum(p.record_count for p in pushes if p.outcome == "ack")
             if acked_count:
                 values["records_sent"] = syncs_table.c.records_sent + acked_count
-            if lease_ttl is not None:
-                values["lease_until"] = now + lease_ttl
+            if progress is not None:
+                values["cycle_rows_read"], values["cycle_sent"] = progress
             update = syncs_table.update().where(syncs_table.c.name == sync)
-            if lease_ttl is not None:
-                update = update.where(syncs_table.c.owner == self.owner)
+            if lease is not None:
+                values["lease_until"] = self._later(lease.ttl)
+                update = syncs_table.update().where(self._fenced(lease))
             if values:
                 result = conn.execute(update.values(**values))
-                if lease_ttl is not None and result.rowcount != 1:
-                    raise LeaseLost(sync)
+                if lease is not None and result.rowcount != 1:
+                    lease.lose("another syncd took this sync over")
             if acked:
                 self._upsert_digests(conn, sync, acked)
             if refreshed:  # payload unchanged, source changed: remember the new fingerprint
@@ -624,7 +834,13 @@ class StateStore:
             removed = dict(
                 conn.execute(sa.select(removals_table.c.sync, sa.func.count()).group_by(removals_table.c.sync)).all()
             )
-            rows = conn.execute(sa.select(syncs_table).order_by(syncs_table.c.name)).all()
+            # Compared with the database's clock: a lease that ran out means no cycle runs.
+            current = sa.and_(syncs_table.c.owner.is_not(None), syncs_table.c.lease_until > self._now())
+            rows = conn.execute(
+                sa.select(syncs_table, sa.case((current, True), else_=False).label("lease_current")).order_by(
+                    syncs_table.c.name
+                )
+            ).all()
         return [
             SyncStatus(
                 name=row.name,
@@ -640,6 +856,10 @@ class StateStore:
                 owner=row.owner,
                 lease_until=_aware(row.lease_until),
                 removed=removed.get(row.name, 0),
+                running=bool(row.lease_current) and row.cycle_started_at is not None,
+                cycle_started_at=_aware(row.cycle_started_at),
+                cycle_rows_read=row.cycle_rows_read,
+                cycle_sent=row.cycle_sent,
             )
             for row in rows
         ]
@@ -745,6 +965,19 @@ class StateStore:
             )
 
 
+@contextmanager
+def _fenced_write(lease: Lease | None) -> Iterator[None]:
+    """Under `lease`: hold its write lock, check it first, and count a committed write as a renewal."""
+    if lease is None:
+        yield
+        return
+    with lease.writing:
+        lease.check()
+        started = time.monotonic()
+        yield
+        lease.renewed(started)
+
+
 def _dead_local_owner(owner: str) -> bool:
     host, _, rest = owner.partition(":")
     pid = rest.partition(":")[0]
@@ -830,7 +1063,7 @@ def _upsert_statement(mark: str, rows: int) -> str:
     )
 
 
-def _create_engine(url: str) -> sa.Engine:
+def _create_engine(url: str, lease: timedelta) -> sa.Engine:
     parsed = sa.make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -850,7 +1083,77 @@ def _create_engine(url: str) -> sa.Engine:
         return engine
     if parsed.get_backend_name() != "postgresql":
         raise ValueError(f"the state database must be SQLite or PostgreSQL, not {parsed.get_backend_name()}")
-    return sa.create_engine(parsed, pool_pre_ping=True)
+    return sa.create_engine(parsed, pool_pre_ping=True, connect_args=postgres_session_settings(parsed, lease))
+
+
+def postgres_session_settings(url: sa.URL, lease: timedelta) -> dict[str, Any]:
+    """libpq parameters that bound every state transaction by the lease L (DESIGN.md §9).
+
+    - lock_timeout L/4: a write waits at most a quarter lease for a row lock (taking a
+      lease does not wait at all: SKIP LOCKED);
+    - statement_timeout L/2;
+    - idle_in_transaction_session_timeout L/2: the server ends the transaction of a
+      daemon stalled inside it (SIGSTOP, a paused VM) and releases its row locks;
+    - TCP keepalives after L/4 idle, every L/12, 3 probes, and tcp_user_timeout L/2, on
+      both ends (libpq options and the server's tcp_* settings), so a partition ends the
+      session within about half a lease instead of the kernel's two hours;
+    - connect_timeout L/4 (at least 2 s, libpq's minimum that is honoured).
+    - application_name "syncd".
+    Settings given in the URL win.
+    """
+    seconds = lease.total_seconds()
+    idle, interval, count = max(1, round(seconds / 4)), max(1, round(seconds / 12)), 3
+    server = {
+        "lock_timeout": f"{round(seconds * 250)}ms",
+        "statement_timeout": f"{round(seconds * 500)}ms",
+        "idle_in_transaction_session_timeout": f"{round(seconds * 500)}ms",
+        "tcp_keepalives_idle": idle,
+        "tcp_keepalives_interval": interval,
+        "tcp_keepalives_count": count,
+        "tcp_user_timeout": round(seconds * 500),
+    }
+    given = url.query.get("options") or ""
+    given = " ".join(given) if isinstance(given, tuple) else given
+    options = " ".join(f"-c {name}={value}" for name, value in server.items() if name not in given)
+    settings: dict[str, Any] = {
+        "options": f"{given} {options}".strip(),
+        "keepalives": 1,
+        "keepalives_idle": idle,
+        "keepalives_interval": interval,
+        "keepalives_count": count,
+        "tcp_user_timeout": round(seconds * 500),
+        "connect_timeout": max(2, round(seconds / 4)),
+        # Named like the source sessions, so a syncd reading a CRM in this same database does not
+        # take these short state transactions for writes that may commit late (source.py).
+        "application_name": APPLICATION_NAME,
+    }
+    return {name: value for name, value in settings.items() if name == "options" or name not in url.query}
+
+
+def _dialect_insert(engine: sa.Engine) -> Callable[..., Any]:
+    """INSERT with ON CONFLICT for the state database's dialect."""
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
+
+
+_TIMEOUTS = {  # PostgreSQL SQLSTATEs of the bounds set in postgres_session_settings
+    "55P03": "a row lock was held longer than lock_timeout",
+    "57014": "a statement ran longer than statement_timeout",
+    "25P03": "the server ended a transaction left idle longer than idle_in_transaction_session_timeout",
+}
+
+
+@contextmanager
+def _state_errors(doing: str) -> Iterator[None]:
+    """State database errors as one-line `StateError`s naming what was being done."""
+    try:
+        yield
+    except sa.exc.DBAPIError as error:
+        code = getattr(getattr(error, "orig", None), "sqlstate", None)
+        raise StateError(f"state database, {doing}: {_TIMEOUTS.get(code) or db_error_line(error)}") from None
 
 
 def _alembic_config(conn: sa.Connection) -> Any:

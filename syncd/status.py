@@ -1,7 +1,9 @@
 """`syncd status`: where each sync stands, from the state database and a live backlog count.
 
 The JSON shape is part of the contract (DESIGN.md): `{"syncs": [{"name", "state",
-"watermark", "last_run_at", "last_error", "records_sent", "backlog", "dead_letters", "removed"}]}`.
+"watermark", "last_run_at", "last_error", "records_sent", "backlog", "dead_letters", "removed"}]}`,
+and since scale-out `running`, `progress` (`since`, `rows_read`, `sent` of the cycle running
+now), `owner` (the daemon running it) and `last_success_at`.
 
 Status only ever reads: a state database that does not exist, or was never migrated, is
 reported as such (exit 1), never created. Run from the wrong directory, the default
@@ -144,10 +146,15 @@ def _entry(name: str, row: SyncStatus | None, backlog: int | None, *, paused: bo
             "backlog": backlog,
             "dead_letters": 0,
             "removed": 0,
+            "running": False,
+            "progress": None,
+            "owner": None,
+            "last_success_at": None,
         }
+    state = "running" if row.running and row.state == "never_run" else row.state
     return {
         "name": name,
-        "state": "paused" if paused else row.state,
+        "state": "paused" if paused else state,
         "watermark": display_value(row.watermark),
         "last_run_at": _iso(row.last_run_at),
         "last_error": row.last_error,
@@ -155,6 +162,17 @@ def _entry(name: str, row: SyncStatus | None, backlog: int | None, *, paused: bo
         "backlog": backlog,
         "dead_letters": row.dead_letters,
         "removed": row.removed,
+        # The cycle running now (by the state database's clock), with its progress so far.
+        "running": row.running,
+        "progress": {
+            "since": _iso(row.cycle_started_at),
+            "rows_read": row.cycle_rows_read or 0,
+            "sent": row.cycle_sent or 0,
+        }
+        if row.running
+        else None,
+        "owner": row.owner if row.running else None,
+        "last_success_at": _iso(row.last_success_at),
     }
 
 

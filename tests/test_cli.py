@@ -47,6 +47,10 @@ def test_status_json_follows_the_contract(sqlite_url, api, state_url, tmp_path):
                 "backlog": 6,
                 "dead_letters": 0,
                 "removed": 0,
+                "running": False,
+                "progress": None,
+                "owner": None,
+                "last_success_at": None,
             }
         ]
     }
@@ -58,6 +62,7 @@ def test_status_json_follows_the_contract(sqlite_url, api, state_url, tmp_path):
     assert after["dead_letters"] == 1
     assert after["backlog"] == 1
     assert after["watermark"] is not None and after["last_run_at"] is not None
+    assert after["last_success_at"] == after["last_run_at"] and after["running"] is False
 
     result = syncd("status", "-c", str(config))
     assert result.returncode == 0, result.stderr

@@ -71,13 +71,13 @@ def test_watermarks_round_trip_losslessly(value):
 
 
 def test_batch_commit_moves_watermark_digests_and_push_together(store):
-    assert store.acquire_lease("contacts", timedelta(seconds=30))
+    lease = store.acquire_lease("contacts", timedelta(seconds=30))
     store.commit_batch(
         "contacts",
         cursor=Cursor(datetime(2026, 1, 1, tzinfo=UTC), 7),
         acked=[("6", b"a" * 16, b"s" * 16), ("7", b"b" * 16, b"t" * 16)],
         pushes=[push()],
-        lease_ttl=timedelta(seconds=30),
+        lease=lease,
     )
     assert store.cursor("contacts") == Cursor(datetime(2026, 1, 1, tzinfo=UTC), 7)
     assert store.known_digests("contacts", ["6", "7", "8"]) == {"6": b"a" * 16, "7": b"b" * 16}
@@ -86,13 +86,13 @@ def test_batch_commit_moves_watermark_digests_and_push_together(store):
 
 
 def test_a_lost_lease_commits_nothing(store):
-    assert store.acquire_lease("contacts", timedelta(seconds=30))
+    lease = store.acquire_lease("contacts", timedelta(seconds=30))
     other = StateStore(store.url)
     with other.engine.begin() as conn:  # another daemon took over after our lease ran out
         conn.execute(sa.text("UPDATE syncs SET owner = 'elsewhere:1:x' WHERE name = 'contacts'"))
     with pytest.raises(LeaseLost):
         store.commit_batch(
-            "contacts", cursor=Cursor(5, 5), acked=[("5", b"c" * 16, b"u" * 16)], pushes=[push()], lease_ttl=timedelta(seconds=30)
+            "contacts", cursor=Cursor(5, 5), acked=[("5", b"c" * 16, b"u" * 16)], pushes=[push()], lease=lease
         )
     assert store.cursor("contacts") is None
     assert store.known_digests("contacts", ["5"]) == {}
@@ -174,3 +174,52 @@ def test_starting_on_a_current_schema_does_not_load_alembic(tmp_path):
     code = "import sys, syncd.state as s; s.StateStore(sys.argv[1]).migrate(); print('alembic' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code, url], capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_a_takeover_fences_the_previous_generation_even_for_the_same_owner(store):
+    """Generation, not only owner: a daemon that lost a sync and took it back later must not
+    commit (or send) under the lease it held before."""
+    old = store.acquire_lease("contacts", timedelta(seconds=-1))  # taken, and already run out
+    other = StateStore(store.url)
+    assert other.acquire_lease("contacts", timedelta(seconds=-1)) is not None  # a takeover
+    new = store.acquire_lease("contacts", timedelta(seconds=30))  # and back
+    assert new.generation == old.generation + 2
+    with pytest.raises(LeaseLost):
+        store.commit_batch("contacts", cursor=Cursor(5, 5), pushes=[push()], lease=old)
+    with pytest.raises(LeaseLost):
+        old.ensure(1.0)  # nor may it send: the renewal is fenced too
+    store.commit_batch("contacts", cursor=Cursor(5, 5), pushes=[push()], lease=new)
+    assert store.cursor("contacts") == Cursor(5, 5)
+    other.close()
+
+
+def test_leases_are_timed_by_the_state_databases_clock(store, monkeypatch):
+    """A daemon whose wall clock is an hour off neither steals a live lease nor keeps a dead one."""
+    import syncd.state
+
+    first, second = store, StateStore(store.url)
+    assert first.acquire_lease("contacts", timedelta(seconds=30))
+    monkeypatch.setattr(syncd.state, "utcnow", lambda: datetime.now(UTC) + timedelta(hours=1))
+    assert not second.acquire_lease("contacts", timedelta(seconds=30))  # an hour ahead: still held
+    monkeypatch.undo()
+    assert first.acquire_lease("contacts", timedelta(seconds=-1))  # renewed, already run out
+    monkeypatch.setattr(syncd.state, "utcnow", lambda: datetime.now(UTC) - timedelta(hours=1))
+    assert second.acquire_lease("contacts", timedelta(seconds=30))  # an hour behind: taken over all the same
+    second.close()
+
+
+def test_a_lease_renews_itself_before_a_send_that_would_outlast_it(store):
+    lease = store.acquire_lease("contacts", timedelta(seconds=30))
+    lease.held_until = 0.0  # as after a long pause: nothing is provable any more
+    lease.ensure(5.0)  # renewed in the database, so the send may go
+    owner, until = store.lease_holder("contacts")
+    assert owner == store.owner
+    other = StateStore(store.url)
+    with other.engine.begin() as conn:  # the lease ran out and another daemon took the sync
+        conn.execute(sa.text("UPDATE syncs SET owner = 'elsewhere:1:x', lease_generation = lease_generation + 1"))
+    lease.held_until = 0.0
+    with pytest.raises(LeaseLost):
+        lease.ensure(5.0)
+    with pytest.raises(LeaseLost):  # and it stays lost: nothing read under it is sent
+        lease.check()
+    other.close()
