@@ -8,6 +8,7 @@ is in its work directory: the configs, each daemon's log, the plan and the resul
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -121,22 +122,25 @@ feed_id = "1499"
 class Simulator:
     """`syncd simulate-api` as a subprocess, keeping every record it receives."""
 
-    def __init__(self, workdir: Path, seed: int) -> None:
+    def __init__(self, workdir: Path, seed: int, latency_s: float) -> None:
         self.log = (workdir / "simulator.log").open("wb")
         self.proc = subprocess.Popen(
             syncd_command(
                 "simulate-api", "--port", "0", "--token", TOKEN, "--key-attribute", KEY,
-                "--store", "history", "--retry-after", "0.2", "--seed", str(seed),
+                "--store", "history", "--retry-after", "0.2", "--seed", str(seed), "--latency", str(latency_s),
             ),
             stdout=subprocess.PIPE,
             stderr=self.log,
         )
+        self.client = httpx.Client(timeout=10)
+
+    def wait_ready(self) -> None:
+        """Read the URL it prints once listening (it starts while the databases are made)."""
         assert self.proc.stdout is not None
         self.url = self.proc.stdout.readline().decode().strip()
         if not self.url.startswith("http://"):
             raise RuntimeError(f"the simulator did not start: {self.url!r} (exit {self.proc.poll()})")
-        self.base = self.url.split("/v1/")[0]
-        self.client = httpx.Client(base_url=self.base, timeout=10)
+        self.client.base_url = httpx.URL(self.url.split("/v1/")[0])
 
     def set_faults(self, **rates: float) -> None:
         self.client.post("/_sim/faults", json=rates).raise_for_status()
@@ -227,6 +231,13 @@ class Daemon:
             self.unexpected_exits.append(self.proc.returncode)
             self._noted = True
 
+    def signal_stop(self) -> None:
+        """SIGTERM without waiting, so several daemons drain at once."""
+        self.resume()
+        if self.alive:
+            assert self.proc is not None
+            self.proc.terminate()
+
     def terminate(self) -> int | None:
         if self.proc is None:
             return None
@@ -251,6 +262,7 @@ class Result:
     rows: int
     writes: int
     faults: list[str]
+    hits: list[str]  # what each fault hit, when
     filter: bool
     verdict: Verdict
     caught_up: bool
@@ -278,7 +290,7 @@ class _Database:
     def __init__(self, admin: sa.Engine, name: str) -> None:
         self.admin, self.name = admin, name
         with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}" TEMPLATE template0')
         self.url = sa.make_url(ADMIN_URL).set(database=name)
         self.port = self.url.port or 5432
 
@@ -304,16 +316,21 @@ def run(plan: Plan, workdir: Path, *, say: Callable[[str], None] = lambda line: 
     tag = f"fc{plan.seed}_{uuid.uuid4().hex[:6]}"
     cleanups: list[Callable[[], Any]] = [admin.dispose]
     try:
-        source_db = _Database(admin, f"{tag}_src")
-        cleanups.append(source_db.drop)
-        state_db = _Database(admin, f"{tag}_state")
-        cleanups.append(state_db.drop)
+        simulator = Simulator(workdir, plan.seed, plan.latency_s)
+        cleanups.append(simulator.close)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            made = [pool.submit(_Database, admin, f"{tag}_{what}") for what in ("src", "state")]
+        for future in made:  # each one made is dropped, even if the other failed
+            if future.exception() is None:
+                cleanups.append(future.result().drop)
+        source_db, state_db = (future.result() for future in made)
         source = sa.create_engine(source_db.direct(), pool_size=8)
         cleanups.append(source.dispose)
+        state = sa.create_engine(state_db.direct(), poolclass=sa.pool.NullPool)
+        cleanups.append(state.dispose)
         create_source(source, plan.rows)
 
-        simulator = Simulator(workdir, plan.seed)
-        cleanups.append(simulator.close)
+        simulator.wait_ready()
         common = dict(
             api_url=simulator.url,
             token_file=token_file,
@@ -322,16 +339,21 @@ def run(plan: Plan, workdir: Path, *, say: Callable[[str], None] = lambda line: 
             batch=plan.batch,
             soft_deletes=plan.soft_deletes,
         )
-        # An observer's view (no proxies) for status and the one migration before the start.
+        # An observer's view (no proxies), for `syncd status`.
         observer = write_config(
             workdir / "observer.toml", state_url=state_db.direct(), source_url=source_db.direct(), **common
         )
-        # Migrating once first: N daemons starting at once on an empty state database is a
-        # case of its own (issue 10), not what this harness checks.
-        subprocess.run(syncd_command("migrate", "-c", str(observer)), check=True, capture_output=True, timeout=120)
 
         proxies: dict[tuple[int, str], Proxy] = {}
         daemons: list[Daemon] = []
+
+        def stop_daemons() -> None:
+            for daemon in daemons:
+                daemon.signal_stop()
+            for daemon in daemons:
+                daemon.terminate()
+
+        cleanups.append(stop_daemons)
         for index in range(plan.daemons):
             for link, database in (("state", state_db), ("source", source_db)):
                 proxy = proxies[index, link] = Proxy(database.port)
@@ -343,20 +365,21 @@ def run(plan: Plan, workdir: Path, *, say: Callable[[str], None] = lambda line: 
                 **common,
             )
             daemons.append(Daemon(index, config, workdir / f"daemon{index}.log"))
+            if index == 0:
+                # The first one migrates the empty state database before the others start:
+                # N daemons starting at once on an empty state database is a case of its own
+                # (issue 10), not what this harness checks. The others may still be starting
+                # when the writes begin, as after a deployment.
+                _wait(daemons[0].started, 60)
 
-        def stop_daemons() -> None:
-            for daemon in daemons:
-                daemon.terminate()
-
-        cleanups.append(stop_daemons)
-        _wait(lambda: all(d.started() for d in daemons), 60)
         for fault in plan.faults:
             say(f"seed {plan.seed} fault {fault.describe()}")
 
         writers = Writers(source, plan)
         started = time.monotonic()
         writers.start(started)
-        _play_faults(plan.faults, started, simulator, daemons, proxies)
+        faults = _Faults(simulator, daemons, proxies, state)
+        faults.play(plan.faults, started)
         writers.join()
 
         # Heal everything, then let the daemons catch up.
@@ -379,6 +402,7 @@ def run(plan: Plan, workdir: Path, *, say: Callable[[str], None] = lambda line: 
             rows=len(rows),
             writes=len(plan.writes),
             faults=[fault.describe() for fault in plan.faults],
+            hits=faults.log,
             filter=plan.soft_deletes,
             verdict=verdict,
             caught_up=caught_up,
@@ -397,38 +421,69 @@ def run(plan: Plan, workdir: Path, *, say: Callable[[str], None] = lambda line: 
                 say(f"cleanup {getattr(cleanup, '__qualname__', cleanup)}: {error}")
 
 
-def _play_faults(
-    faults: tuple[Fault, ...], started: float, simulator: Simulator, daemons: list[Daemon], proxies: dict[tuple[int, str], Proxy]
-) -> None:
-    """Start and end each fault on time (faults on one target never overlap, plan.py)."""
-    events: list[tuple[float, int, Callable[[], None]]] = []
-    for fault in faults:
-        begin, end = _actions(fault, simulator, daemons, proxies)
-        events.append((fault.at, len(events), begin))
-        events.append((fault.at + fault.duration, len(events), end))
-    for at, _, action in sorted(events):
-        delay = started + at - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        action()
+class _Faults:
+    """Plays the plan's faults on time and notes what each one hit."""
 
+    def __init__(
+        self, simulator: Simulator, daemons: list[Daemon], proxies: dict[tuple[int, str], Proxy], state: sa.Engine
+    ) -> None:
+        self.simulator, self.daemons, self.proxies, self.state = simulator, daemons, proxies, state
+        self.log: list[str] = []
 
-def _actions(
-    fault: Fault, simulator: Simulator, daemons: list[Daemon], proxies: dict[tuple[int, str], Proxy]
-) -> tuple[Callable[[], None], Callable[[], None]]:
-    if fault.kind == "api":
-        stall = {"stall_s": 2.0} if "stall_rate" in fault.detail else {}  # > api.timeout_s
-        return (lambda: simulator.set_faults(**fault.detail, **stall)), simulator.heal
-    assert fault.target is not None
-    daemon = daemons[fault.target]
-    if fault.kind == "kill":
-        return daemon.kill, daemon.ensure_running
-    if fault.kind == "stop":
-        return daemon.pause, daemon.resume
-    proxy = proxies[fault.target, fault.detail["link"]]
-    if fault.detail["mode"] == "reset":
-        return proxy.reset, lambda: None
-    return (lambda: proxy.set_mode(fault.detail["mode"])), proxy.heal
+    def play(self, faults: tuple[Fault, ...], started: float) -> None:
+        """Start and end each fault on time (faults on one target never overlap, plan.py)."""
+        events: list[tuple[float, int, Fault, bool]] = []
+        for fault in faults:
+            events.append((fault.at, len(events), fault, True))
+            events.append((fault.at + fault.duration, len(events), fault, False))
+        hit: dict[int, int] = {}  # id(fault) -> the daemon it hit
+        for at, _, fault, begin in sorted(events, key=lambda event: event[:2]):
+            delay = started + at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            if begin and fault.target is not None:
+                hit[id(fault)] = self._aim(fault)
+                self.log.append(f"+{time.monotonic() - started:.2f}s {fault.kind} hits daemon {hit[id(fault)]}")
+            self._apply(fault, hit.get(id(fault)), begin)
+
+    def _aim(self, fault: Fault) -> int:
+        assert fault.target is not None
+        if fault.detail.get("aim") != "owner":
+            return fault.target
+        try:
+            with self.state.connect() as conn:
+                owner = conn.exec_driver_sql("SELECT owner FROM syncs WHERE name = 'contacts'").scalar()
+        except sa.exc.SQLAlchemyError:
+            owner = None
+        pid = owner.split(":")[1] if owner else None
+        for daemon in self.daemons:
+            if daemon.alive and daemon.proc is not None and str(daemon.proc.pid) == pid:
+                return daemon.index
+        return fault.target
+
+    def _apply(self, fault: Fault, target: int | None, begin: bool) -> None:
+        if fault.kind == "api":
+            if begin:
+                stall = {"stall_s": 2.0} if "stall_rate" in fault.detail else {}  # > api.timeout_s
+                self.simulator.set_faults(**fault.detail, **stall)
+            else:
+                self.simulator.heal()
+            return
+        assert target is not None
+        daemon = self.daemons[target]
+        if fault.kind == "kill":
+            daemon.kill() if begin else daemon.ensure_running()
+        elif fault.kind == "stop":
+            daemon.pause() if begin else daemon.resume()
+        else:
+            proxy = self.proxies[target, fault.detail["link"]]
+            if fault.detail["mode"] == "reset":
+                if begin:
+                    proxy.reset()
+            elif begin:
+                proxy.set_mode(fault.detail["mode"])
+            else:
+                proxy.heal()
 
 
 def _catch_up(rows: list[dict[str, Any]], simulator: Simulator, observer: Path) -> bool:

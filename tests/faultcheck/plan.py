@@ -43,6 +43,9 @@ class Fault:
     ``stop``: SIGSTOP of daemon ``target`` for ``duration`` (longer than the lease), then SIGCONT;
     ``cut``: the link from daemon ``target`` to its ``detail["link"]`` database (state or source)
     is cut in ``detail["mode"]`` (reset, refuse, blackhole), healed after ``duration``.
+
+    With ``detail["aim"] == "owner"`` the fault hits whichever daemon holds the sync's lease
+    when it starts (``target`` if none does): a fault on an idle daemon tests little.
     """
 
     at: float
@@ -52,8 +55,10 @@ class Fault:
     detail: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
-        who = f" daemon {self.target}" if self.target is not None else ""
-        what = " ".join(f"{k}={v}" for k, v in self.detail.items())
+        who = ""
+        if self.target is not None:
+            who = f" daemon {'owner/' if self.detail.get('aim') == 'owner' else ''}{self.target}"
+        what = " ".join(f"{k}={v}" for k, v in self.detail.items() if k != "aim")
         return f"+{self.at:.2f}s {self.kind}{who} {what} for {self.duration:.2f}s".replace("  ", " ")
 
 
@@ -66,6 +71,7 @@ class Plan:
     interval_ms: int
     settle_ms: int
     batch: int
+    latency_s: float
     soft_deletes: bool
     writes: tuple[Write, ...]
     faults: tuple[Fault, ...]
@@ -87,10 +93,11 @@ def make_plan(
     ``faults`` restricts the kinds drawn (the draws stay the same for the same arguments)."""
     rng = random.Random(seed)
     n_daemons = daemons if daemons is not None else rng.randint(1, 3)
-    drawn_duration = rng.uniform(3.0, 5.0)
+    drawn_duration = rng.uniform(2.5, 4.0)
     interval_ms = rng.randrange(200, 501, 50)
     settle_ms = rng.randrange(100, 401, 50)
     batch = rng.choice((5, 10, 25, 50))
+    latency_s = rng.choice((0.0, 0.02, 0.05))  # per API request: wider windows for a fault to land in
     rows = rng.randint(20, 60)
 
     planned: list[Fault] = []
@@ -107,14 +114,17 @@ def make_plan(
             slot: Any = "api"
         elif kind == "kill":
             span = rng.uniform(0.2, 1.5)  # down time before the restart
-            slot = ("process", target)
+            slot = "process"  # aimed at the owner, so process faults never overlap at all
         elif kind == "stop":
             span = LEASE_S + rng.uniform(0.5, 1.5)
-            slot = ("process", target)
+            slot = "process"
         else:
             detail = {"link": rng.choice(("state", "source")), "mode": rng.choice(("reset", "refuse", "blackhole"))}
-            span = 0.0 if detail["mode"] == "reset" else rng.uniform(0.5, 2.0)
-            slot = ("link", target, detail["link"])
+            # Up to longer than the lease: a daemon cut off from the state database loses its sync.
+            span = 0.0 if detail["mode"] == "reset" else rng.uniform(0.5, LEASE_S + 1.5)
+            slot = ("link", detail["link"])
+        if kind != "api" and rng.random() < 0.7:
+            detail["aim"] = "owner"
         if busy.get(slot, -1.0) > at:
             continue
         busy[slot] = at + span + 0.2
@@ -159,6 +169,7 @@ def make_plan(
         interval_ms=interval_ms,
         settle_ms=settle_ms,
         batch=batch,
+        latency_s=latency_s,
         soft_deletes=soft_deletes,
         writes=tuple(writes),
         faults=tuple(planned),
