@@ -34,6 +34,8 @@ TOKEN = "faultcheck-token-3b7e"
 DATASTORE = "1466"
 CATCH_UP_S = 2 * LEASE_S + 10  # after the heal: two leases for a takeover, then the backlog
 STOP_S = 10
+_BUSY_LATENCY_S = 0.3
+_STATUS_KEYS = ("state", "records_sent", "dead_letters", "removed")
 
 
 def syncd_command(*args: str) -> list[str]:
@@ -269,6 +271,7 @@ class Result:
     catch_up_s: float
     elapsed_s: float
     requests: dict[str, int] = field(default_factory=dict)
+    status: dict[str, Any] = field(default_factory=dict)  # `syncd status --json` at the end
     daemon_exits: list[str] = field(default_factory=list)
     writer_errors: list[str] = field(default_factory=list)
     workdir: str = ""
@@ -378,7 +381,7 @@ def run(plan: Plan, workdir: Path, *, say: Callable[[str], None] = lambda line: 
         writers = Writers(source, plan)
         started = time.monotonic()
         writers.start(started)
-        faults = _Faults(simulator, daemons, proxies, state)
+        faults = _Faults(simulator, daemons, proxies, state, plan.latency_s)
         faults.play(plan.faults, started)
         writers.join()
 
@@ -395,7 +398,12 @@ def run(plan: Plan, workdir: Path, *, say: Callable[[str], None] = lambda line: 
         catch_up_s = time.monotonic() - healed
         exits = [f"daemon {d.index} exited {code}" for d in daemons for code in d.unexpected_exits]
         stop_daemons()
-        verdict = judge(read_rows(source), simulator.history())
+        final_rows, history = read_rows(source), simulator.history()
+        verdict = judge(final_rows, history)
+        if not verdict.ok:
+            _keep_evidence(workdir / "evidence.json", final_rows, history, simulator, state)
+        # What syncd itself says, beside the harness's own count (removed: where `filter` exists).
+        status = {k: v for k, v in (_status(observer) or [{}])[0].items() if k in _STATUS_KEYS}
         return Result(
             seed=plan.seed,
             daemons=plan.daemons,
@@ -409,6 +417,7 @@ def run(plan: Plan, workdir: Path, *, say: Callable[[str], None] = lambda line: 
             catch_up_s=round(catch_up_s, 2),
             elapsed_s=round(time.monotonic() - began, 2),
             requests=simulator.stats()["by_status"],
+            status=status,
             daemon_exits=exits,
             writer_errors=writers.errors,
             workdir=str(workdir),
@@ -425,9 +434,15 @@ class _Faults:
     """Plays the plan's faults on time and notes what each one hit."""
 
     def __init__(
-        self, simulator: Simulator, daemons: list[Daemon], proxies: dict[tuple[int, str], Proxy], state: sa.Engine
+        self,
+        simulator: Simulator,
+        daemons: list[Daemon],
+        proxies: dict[tuple[int, str], Proxy],
+        state: sa.Engine,
+        latency_s: float,
     ) -> None:
         self.simulator, self.daemons, self.proxies, self.state = simulator, daemons, proxies, state
+        self.latency_s = latency_s
         self.log: list[str] = []
 
     def play(self, faults: tuple[Fault, ...], started: float) -> None:
@@ -474,7 +489,13 @@ class _Faults:
         if fault.kind == "kill":
             daemon.kill() if begin else daemon.ensure_running()
         elif fault.kind == "stop":
-            daemon.pause() if begin else daemon.resume()
+            if begin and fault.detail.get("busy"):
+                self.simulator.set_faults(latency_s=_BUSY_LATENCY_S)
+                time.sleep(_BUSY_LATENCY_S * 1.5)  # a request on the wire, the next batches read
+                daemon.pause()
+                self.simulator.set_faults(latency_s=self.latency_s)
+            else:
+                daemon.pause() if begin else daemon.resume()
         else:
             proxy = self.proxies[target, fault.detail["link"]]
             if fault.detail["mode"] == "reset":
@@ -503,13 +524,31 @@ def _catch_up(rows: list[dict[str, Any]], simulator: Simulator, observer: Path) 
     return False
 
 
+def _keep_evidence(
+    path: Path, rows: list[dict[str, Any]], history: list[dict[str, Any]], simulator: Simulator, state: sa.Engine
+) -> None:
+    """What a failed seed leaves for its post-mortem, beside the daemons' logs: the source rows,
+    every record received, the simulator's request log, and the state database's syncs and pushes."""
+    tables: dict[str, Any] = {}
+    with state.connect() as conn:
+        for table in ("syncs", "pushes"):
+            tables[table] = [dict(row._mapping) for row in conn.exec_driver_sql(f"SELECT * FROM {table}")]
+    requests = simulator.client.get("/_sim/requests").json()["requests"]
+    evidence = {"rows": rows, "history": history, "requests": requests, **tables}
+    path.write_text(json.dumps(evidence, indent=1, default=str))
+
+
 def _no_backlog(observer: Path) -> bool:
+    return all(entry.get("backlog") == 0 for entry in _status(observer))
+
+
+def _status(observer: Path) -> list[dict[str, Any]]:
+    """`syncd status --json`'s syncs, [] if it cannot say."""
     result = subprocess.run(syncd_command("status", "--json", "-c", str(observer)), capture_output=True, timeout=60)
     try:
-        syncs = json.loads(result.stdout)["syncs"]
+        return json.loads(result.stdout)["syncs"]
     except (ValueError, KeyError):
-        return False
-    return all(entry.get("backlog") == 0 for entry in syncs)
+        return []
 
 
 def _wait(condition: Callable[[], bool], timeout: float) -> None:

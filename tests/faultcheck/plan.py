@@ -41,6 +41,7 @@ class Fault:
     ``api``: the simulator answers with random faults at ``detail`` rates;
     ``kill``: ``kill -9`` of daemon ``target``, restarted after ``duration``;
     ``stop``: SIGSTOP of daemon ``target`` for ``duration`` (longer than the lease), then SIGCONT;
+    with ``detail["busy"]`` the API is made slow just before, so the pause lands mid-cycle;
     ``cut``: the link from daemon ``target`` to its ``detail["link"]`` database (state or source)
     is cut in ``detail["mode"]`` (reset, refuse, blackhole), healed after ``duration``.
 
@@ -118,6 +119,8 @@ def make_plan(
         elif kind == "stop":
             span = LEASE_S + rng.uniform(0.5, 1.5)
             slot = "process"
+            if rng.random() < 0.5:
+                detail["busy"] = True  # paused in the middle of a slow request, batches read
         else:
             detail = {"link": rng.choice(("state", "source")), "mode": rng.choice(("reset", "refuse", "blackhole"))}
             # Up to longer than the lease: a daemon cut off from the state database loses its sync.
