@@ -6,6 +6,7 @@ Prints the fault schedule and one JSON line per seed; exits 1 if any seed lost o
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import tempfile
 from pathlib import Path
@@ -45,7 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         failed = []
         for seed in [args.seed] if args.seed is not None else args.seeds:
             plan = make_plan(seed, daemons=args.daemons, duration=args.duration, soft_deletes=soft_deletes, faults=kinds)
-            result = run(plan, root / f"seed-{seed}", say=lambda line: print(line, file=sys.stderr, flush=True))
+            workdir = root / f"seed-{seed}"
+            for replay in itertools.count(2):  # a seed run again gets a directory of its own
+                if not workdir.exists():
+                    break
+                workdir = root / f"seed-{seed}-{replay}"
+            result = run(plan, workdir, say=lambda line: print(line, file=sys.stderr, flush=True))
             print(result.line(), flush=True)
             if not result.ok:
                 failed.append(seed)

@@ -180,10 +180,12 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self.stopped = False  # SIGSTOPped
         self.unexpected_exits: list[int] = []
+        self.incarnations = 0
         self.start()
 
     def start(self) -> None:
         self._noted = False
+        self.incarnations += 1
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 syncd_command("run", "-c", str(self.config)),
@@ -198,7 +200,7 @@ class Daemon:
 
     def started(self) -> bool:
         """Whether the current incarnation has logged `daemon_started` (or exited)."""
-        return not self.alive or b'"daemon_started"' in self.log_path.read_bytes()
+        return not self.alive or self.log_path.read_bytes().count(b'"daemon_started"') >= self.incarnations
 
     def kill(self) -> None:
         self.note_exit()
@@ -379,6 +381,7 @@ def run(plan: Plan, workdir: Path, *, say: Callable[[str], None] = lambda line: 
             say(f"seed {plan.seed} fault {fault.describe()}")
 
         writers = Writers(source, plan)
+        cleanups.append(writers.stop)  # before the source engine is disposed, if a fault failed
         started = time.monotonic()
         writers.start(started)
         faults = _Faults(simulator, daemons, proxies, state, plan.latency_s)
@@ -394,7 +397,7 @@ def run(plan: Plan, workdir: Path, *, say: Callable[[str], None] = lambda line: 
             daemon.ensure_running()
         healed = time.monotonic()
         rows = read_rows(source)
-        caught_up = _catch_up(rows, simulator, observer)
+        caught_up = _catch_up(rows, simulator, observer, daemons)
         catch_up_s = time.monotonic() - healed
         exits = [f"daemon {d.index} exited {code}" for d in daemons for code in d.unexpected_exits]
         stop_daemons()
@@ -507,16 +510,21 @@ class _Faults:
                 proxy.heal()
 
 
-def _catch_up(rows: list[dict[str, Any]], simulator: Simulator, observer: Path) -> bool:
-    """Wait until the datastore matches the source, or until nothing more arrives and
-    `syncd status` says there is no backlog (a wrong final state then stays wrong), bounded."""
+def _catch_up(rows: list[dict[str, Any]], simulator: Simulator, observer: Path, daemons: list[Daemon]) -> bool:
+    """Wait until the datastore matches the source, or until every daemon is up, nothing more
+    arrives and `syncd status` says there is no backlog (a wrong final state then stays wrong);
+    bounded."""
     deadline = time.monotonic() + CATCH_UP_S
+    hard_deadline = deadline + 60  # for daemons still starting on a loaded machine
     delivered, quiet_since = -1, time.monotonic()
-    while time.monotonic() < deadline:
+    while time.monotonic() < min(deadline, hard_deadline):
         history = simulator.history()
         if judge(rows, history).ok:
             return True
-        if len(history) != delivered:
+        if not all(daemon.started() for daemon in daemons):
+            deadline = time.monotonic() + CATCH_UP_S  # the time to catch up starts when they are up
+            quiet_since = time.monotonic()
+        elif len(history) != delivered:
             delivered, quiet_since = len(history), time.monotonic()
         elif time.monotonic() - quiet_since > LEASE_S and _no_backlog(observer):
             return False
@@ -539,7 +547,8 @@ def _keep_evidence(
 
 
 def _no_backlog(observer: Path) -> bool:
-    return all(entry.get("backlog") == 0 for entry in _status(observer))
+    syncs = _status(observer)
+    return bool(syncs) and all(entry.get("backlog") == 0 for entry in syncs)
 
 
 def _status(observer: Path) -> list[dict[str, Any]]:

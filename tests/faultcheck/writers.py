@@ -123,7 +123,8 @@ class Writers:
 
     def join(self) -> None:
         """Wait for every write, late commits included."""
-        self._thread.join()
+        if self._thread.ident is not None:  # started
+            self._thread.join()
         for thread in self._late:
             thread.join()
 
