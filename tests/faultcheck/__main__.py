@@ -29,10 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--seed", type=int, help="the seed to run")
     which.add_argument("--seeds", type=_seeds, help="seeds to run, e.g. 1-100 or 3,8,20-25")
     parser.add_argument("--daemons", type=int, choices=(1, 2, 3), help="daemons (default: drawn from the seed)")
-    parser.add_argument("--duration", type=float, help="seconds of writes and faults (default: drawn, 3-5)")
     parser.add_argument(
-        "--faults", default=",".join(FAULT_KINDS), help=f"fault kinds to draw from (default {','.join(FAULT_KINDS)}; '' for none)"
+        "--duration", type=float, help="seconds of writes and faults (default: drawn, 2.5-4, longer for a SIGSTOP)"
     )
+    kinds_help = f"fault kinds to draw from (default {','.join(FAULT_KINDS)}; '' for none)"
+    parser.add_argument("--faults", default=",".join(FAULT_KINDS), help=kinds_help)
     parser.add_argument("--workdir", type=Path, help="keep each run's configs and logs under this directory")
     args = parser.parse_args(argv)
     kinds = tuple(kind for kind in args.faults.split(",") if kind)
@@ -45,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         soft_deletes = filter_supported(root if args.workdir else Path(scratch))
         failed = []
         for seed in [args.seed] if args.seed is not None else args.seeds:
-            plan = make_plan(seed, daemons=args.daemons, duration=args.duration, soft_deletes=soft_deletes, faults=kinds)
+            plan = make_plan(
+                seed, daemons=args.daemons, duration=args.duration, soft_deletes=soft_deletes, faults=kinds
+            )
             workdir = root / f"seed-{seed}"
             for replay in itertools.count(2):  # a seed run again gets a directory of its own
                 if not workdir.exists():
@@ -56,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             if not result.ok:
                 failed.append(seed)
         if failed:
-            print(f"lost or stale keys in seed(s) {failed}: replay with --seed N --workdir DIR for the logs", file=sys.stderr)
+            replay = "replay with --seed N --workdir DIR for the logs"
+            print(f"lost or stale keys in seed(s) {failed}: {replay}", file=sys.stderr)
     return 1 if failed else 0
 
 

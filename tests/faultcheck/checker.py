@@ -8,7 +8,7 @@ as is; emailid is the e-mail lower-cased).
 from __future__ import annotations
 
 import collections
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -47,9 +47,6 @@ class Verdict:
     @property
     def ok(self) -> bool:
         return self.lost == 0 and self.stale == 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def judge(rows: list[dict[str, Any]], history: list[dict[str, Any]], *, examples: int = 3) -> Verdict:

@@ -29,6 +29,8 @@ from .plan import LEASE_S, Fault, Plan
 from .proxy import Proxy
 from .writers import Writers, create_source, read_rows
 
+__all__ = ["Result", "filter_supported", "run"]
+
 ADMIN_URL = os.environ.get("SYNCD_TEST_POSTGRES", "postgresql+psycopg://root@127.0.0.1:5432/test")
 TOKEN = "faultcheck-token-3b7e"
 DATASTORE = "1466"
@@ -567,5 +569,3 @@ def _wait(condition: Callable[[], bool], timeout: float) -> None:
             raise TimeoutError(f"not within {timeout}s")
         time.sleep(0.05)
 
-
-__all__ = ["Result", "filter_supported", "run"]
