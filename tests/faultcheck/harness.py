@@ -29,7 +29,7 @@ from .plan import LEASE_S, Fault, Plan
 from .proxy import Proxy
 from .writers import Writers, create_source, read_rows
 
-__all__ = ["Result", "filter_supported", "run"]
+__all__ = ["ADMIN_URL", "Database", "Result", "filter_supported", "run"]
 
 ADMIN_URL = os.environ.get("SYNCD_TEST_POSTGRES", "postgresql+psycopg://root@127.0.0.1:5432/test")
 TOKEN = "faultcheck-token-3b7e"
@@ -291,8 +291,9 @@ class Result:
         return json.dumps({**data, **verdict, "ok": self.ok, "examples": examples}, default=str)
 
 
-class _Database:
-    """A throwaway PostgreSQL database, dropped on close."""
+class Database:
+    """A throwaway PostgreSQL database (dropped by ``drop``): the open-transaction gate only
+    looks at its own database, so other sessions on the server do not hold a run back."""
 
     def __init__(self, admin: sa.Engine, name: str) -> None:
         self.admin, self.name = admin, name
@@ -326,7 +327,7 @@ def run(plan: Plan, workdir: Path, *, say: Callable[[str], None] = lambda line: 
         simulator = Simulator(workdir, plan.seed, plan.latency_s)
         cleanups.append(simulator.close)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            made = [pool.submit(_Database, admin, f"{tag}_{what}") for what in ("src", "state")]
+            made = [pool.submit(Database, admin, f"{tag}_{what}") for what in ("src", "state")]
         for future in made:  # each one made is dropped, even if the other failed
             if future.exception() is None:
                 cleanups.append(future.result().drop)
