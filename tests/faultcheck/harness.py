@@ -228,6 +228,7 @@ class Daemon:
     def ensure_running(self) -> None:
         """Resume a stopped daemon, restart a dead one (noting an exit nobody asked for)."""
         self.resume()
+        self.note_exit()
         if not self.alive:
             self.start()
 
@@ -396,7 +397,6 @@ def run(plan: Plan, workdir: Path, *, say: Callable[[str], None] = lambda line: 
         for proxy in proxies.values():
             proxy.heal()
         for daemon in daemons:
-            daemon.note_exit()
             daemon.ensure_running()
         healed = time.monotonic()
         rows = read_rows(source)
