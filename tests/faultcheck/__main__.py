@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown fault kind(s): {', '.join(sorted(unknown))}")
 
+    # SIGTERM (a `timeout`, a CI job cancelled) unwinds like Ctrl-C: the run's daemons, simulator,
+    # proxies and databases are stopped and dropped on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with tempfile.TemporaryDirectory(prefix="faultcheck-") as scratch:
         root = args.workdir or Path(scratch)
         soft_deletes = filter_supported(root if args.workdir else Path(scratch))
