@@ -52,3 +52,9 @@ bench: $(VENV)/.installed-test $(DLT_VENV)/.installed
 
 clean:
 	rm -rf $(VENV) $(DLT_VENV) $(FLOORS_VENV) build *.egg-info
+
+# The fault checker's long run (tests/faultcheck): SOAK_SEEDS=1-200 by default, needs PostgreSQL.
+.PHONY: soak
+SOAK_SEEDS ?= 1-200
+soak: $(VENV)/.installed-test
+	$(BIN)/python -m tests.faultcheck --seeds $(SOAK_SEEDS) $(SOAK_ARGS)

@@ -16,9 +16,10 @@ Order of checks for a ``POST`` (each step may answer and stop):
 2. a scripted ``status`` or ``drop`` answers now, before any other check;
 3. bearer token: unknown or missing → 401/430, expired → 498;
 4. rate limit per key → 429 with ``Retry-After``;
-5. random faults, from one seeded draw per request: drop, 500, 200/1010;
+5. random faults, from one seeded draw per request: drop, 500, 200/1010, 429;
 6. body validation: 1001, 413, 1002 (the whole request is rejected);
-7. ACK, then insert after ``insert_delay_s``; ``accept_then_delay_s`` sleeps here.
+7. ACK, then insert after ``insert_delay_s``; ``accept_then_delay_s`` sleeps here, as does
+   a random stall after the accept (``stall_rate``, taken from the same draw as step 5).
 """
 
 from __future__ import annotations
@@ -77,12 +78,17 @@ RUNTIME_SETTINGS = frozenset(
         "fail_rate",
         "not_processed_rate",
         "drop_rate",
+        "throttle_rate",
+        "stall_rate",
+        "stall_s",
         "latency_s",
         "latency_jitter_s",
         "insert_delay_s",
     }
 )
 
+# Random faults share one draw per request, in this order.
+_RATES = ("drop_rate", "fail_rate", "not_processed_rate", "throttle_rate", "stall_rate")
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 _FAULT_KEYS = frozenset({"status", "code", "description", "retry_after", "drop", "delay_s", "accept_then_delay_s"})
 _LOG_LIMIT = 10_000  # request log entries kept; enough for any test, bounded for long runs
@@ -112,17 +118,23 @@ class SimulatorConfig:
     fail_rate: float = 0.0
     not_processed_rate: float = 0.0
     drop_rate: float = 0.0
+    throttle_rate: float = 0.0  # random 429s, Retry-After as for the rate limit
+    stall_rate: float = 0.0  # accept and store the batch, then answer only after stall_s:
+    stall_s: float = 0.0  # a client whose timeout is shorter cannot know it was accepted
     latency_s: float = 0.0
     latency_jitter_s: float = 0.0
     insert_delay_s: float = 0.0
-    store: Literal["full", "count"] = "full"
+    # "history" also keeps every record received, in order (read back with history()).
+    store: Literal["full", "count", "history"] = "full"
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("fail_rate", "not_processed_rate", "drop_rate"):
+        for name in _RATES:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, not {getattr(self, name)!r}")
-        for name in ("latency_s", "latency_jitter_s", "insert_delay_s"):
+        if sum(getattr(self, name) for name in _RATES) > 1.0:
+            raise ValueError(f"the fault rates ({', '.join(_RATES)}) must add up to at most 1")
+        for name in ("latency_s", "latency_jitter_s", "insert_delay_s", "stall_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, not {getattr(self, name)!r}")
         if self.rate_limit is not None and self.rate_limit <= 0:
@@ -131,17 +143,18 @@ class SimulatorConfig:
             raise ValueError(f"retry_after must not be negative, not {self.retry_after!r}")
         if self.max_records < 1:
             raise ValueError(f"max_records must be at least 1, not {self.max_records!r}")
-        if self.store not in ("full", "count"):
-            raise ValueError(f"store must be 'full' or 'count', not {self.store!r}")
+        if self.store not in ("full", "count", "history"):
+            raise ValueError(f"store must be 'full', 'count' or 'history', not {self.store!r}")
 
 
 class _Datastore:
     """One datastore: the latest record per key value and a count of all received."""
 
-    __slots__ = ("latest", "received", "unkeyed")
+    __slots__ = ("history", "latest", "received", "unkeyed")
 
     def __init__(self) -> None:
         self.latest: dict[Any, dict[str, Any]] = {}
+        self.history: list[dict[str, Any]] = []
         self.received = 0
         self.unkeyed = 0
 
@@ -277,6 +290,10 @@ class _Simulator:
         store = self.datastores.get(datastore_id)
         return store.received if store else 0
 
+    def history(self, datastore_id: str) -> list[dict[str, Any]]:
+        store = self.datastores.get(datastore_id)
+        return list(store.history) if store else []
+
     def stats(self) -> dict[str, Any]:
         return {
             "requests": sum(self.by_status.values()),
@@ -354,15 +371,26 @@ class _Simulator:
                 retry = config.retry_after if config.retry_after is not None else max(1, math.ceil(wait))
                 return _error(429, 429, headers={"Retry-After": _seconds(retry)})
 
-        if config.drop_rate or config.fail_rate or config.not_processed_rate:
+        stall = entry.get("accept_then_delay_s")
+        if any(getattr(config, name) for name in _RATES):
             # One draw per request keeps a seeded run reproducible whatever the rates.
-            draw = self.rng.random()
-            if draw < config.drop_rate:
+            draw, fault = self.rng.random(), None
+            for name in _RATES:
+                if draw < getattr(config, name):
+                    fault = name
+                    break
+                draw -= getattr(config, name)
+            if fault == "drop_rate":
                 return _Reply(None, fault="random")
-            if draw < config.drop_rate + config.fail_rate:
+            if fault == "fail_rate":
                 return _error(500, 500, fault="random")
-            if draw < config.drop_rate + config.fail_rate + config.not_processed_rate:
+            if fault == "not_processed_rate":
                 return _error(200, 1010, fault="random")
+            if fault == "throttle_rate":
+                retry = config.retry_after if config.retry_after is not None else 1
+                return _error(429, 429, fault="random", headers={"Retry-After": _seconds(retry)})
+            if fault == "stall_rate" and stall is None:
+                stall = config.stall_s
 
         problem = problem or _invalid_body(payload)
         if problem:
@@ -383,9 +411,9 @@ class _Simulator:
             self.records_accepted += len(records)
             loop = asyncio.get_running_loop()
             loop.call_later(config.insert_delay_s, self._insert, self.generation, datastore_id, records)
-        if "accept_then_delay_s" in entry:
-            await asyncio.sleep(entry["accept_then_delay_s"])
-            return _Reply(200, ack, fault="scripted")
+        if stall is not None:
+            await asyncio.sleep(stall)
+            return _Reply(200, ack, fault="scripted" if "accept_then_delay_s" in entry else "random")
         return _Reply(200, ack)
 
     def _insert(self, generation: int, datastore_id: str, records: list[dict[str, Any]]) -> None:
@@ -397,6 +425,8 @@ class _Simulator:
         store.received += len(records)
         if self.config.store == "count":
             return
+        if self.config.store == "history":
+            store.history.extend(records)
         key_attribute, latest = self.config.key_attribute, store.latest
         for record in records:
             key = record.get(key_attribute)
@@ -486,6 +516,12 @@ def create_app(config: SimulatorConfig | None = None) -> web.Application:
             return _json({"description": "the datastore-id query parameter is required"}, 400)
         return _json({"records": sim.records(datastore_id), "received": sim.received(datastore_id)})
 
+    async def history(request: web.Request) -> web.Response:
+        datastore_id = request.query.get("datastore-id")
+        if datastore_id is None:
+            return _json({"description": "the datastore-id query parameter is required"}, 400)
+        return _json({"records": sim.history(datastore_id)})
+
     async def requests(request: web.Request) -> web.Response:
         return _json({"requests": list(sim.log)})
 
@@ -528,6 +564,7 @@ def create_app(config: SimulatorConfig | None = None) -> web.Application:
 
     app.router.add_route("*", ADD_CONTACTS_PATH, sim.handle)
     app.router.add_get("/_sim/records", records)
+    app.router.add_get("/_sim/history", history)
     app.router.add_get("/_sim/requests", requests)
     app.router.add_get("/_sim/stats", stats)
     app.router.add_get("/_sim/faults", get_faults)
@@ -613,6 +650,10 @@ class RunningSimulator:
     def received(self, datastore_id: str) -> int:
         """All records inserted into the datastore, duplicates included."""
         return self._call(self._sim.received, datastore_id)
+
+    def history(self, datastore_id: str) -> list[dict[str, Any]]:
+        """Every record inserted, in order, duplicates included (``store="history"`` only)."""
+        return self._call(self._sim.history, datastore_id)
 
     def requests(self) -> list[dict[str, Any]]:
         """The request log, oldest first (the last 10,000 requests)."""
@@ -714,11 +755,19 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     add("--fail-rate", type=_probability, default=0.0, metavar="P", help="probability of a 500")
     add("--not-processed-rate", type=_probability, default=0.0, metavar="P", help="probability of a 200/1010")
     add("--drop-rate", type=_probability, default=0.0, metavar="P", help="probability of a dropped connection")
+    add("--throttle-rate", type=_probability, default=0.0, metavar="P", help="probability of a 429")
+    add("--stall-rate", type=_probability, default=0.0, metavar="P", help="probability of a stall after the accept")
+    add("--stall", type=_non_negative, default=0.0, metavar="S", help="seconds a stalled request waits to answer")
     add("--latency", type=_non_negative, default=0.0, metavar="S", help="seconds added to every request")
     add("--latency-jitter", type=_non_negative, default=0.0, metavar="S", help="up to this many random seconds more")
     add("--insert-delay", type=_non_negative, default=0.0, metavar="S", help="seconds between ACK and insert")
     add("--max-records", type=int, default=1000, metavar="N", help="records per request, then 413 (default 1000)")
-    add("--store", choices=("full", "count"), default="full", help="keep records, or only count them (default full)")
+    add(
+        "--store",
+        choices=("full", "count", "history"),
+        default="full",
+        help="keep the latest record per key, only count them, or also every record received (default full)",
+    )
     add("--seed", type=int, help="seed for the random faults, for a reproducible run")
 
 
@@ -737,6 +786,9 @@ def run_from_args(args: argparse.Namespace) -> int:
             fail_rate=args.fail_rate,
             not_processed_rate=args.not_processed_rate,
             drop_rate=args.drop_rate,
+            throttle_rate=args.throttle_rate,
+            stall_rate=args.stall_rate,
+            stall_s=args.stall,
             latency_s=args.latency,
             latency_jitter_s=args.latency_jitter,
             insert_delay_s=args.insert_delay,

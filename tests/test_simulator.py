@@ -20,6 +20,8 @@ from syncd.simulator import (
     start_in_thread,
 )
 
+from .crm import wait_for
+
 TOKEN = "demo-token"
 # One pooled client keeps requests at about a millisecond, which the rate-limit test needs.
 client = httpx.Client()
@@ -385,3 +387,37 @@ def test_cli_rejects_bad_options() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=10)
     assert proc.returncode == 2
     assert "--fail-rate" in proc.stderr and "between 0 and 1" in proc.stderr
+
+
+def test_random_throttling_and_stalls_after_the_accept_switch_at_run_time() -> None:
+    with start_in_thread(SimulatorConfig(store="history", retry_after=0.2)) as sim:
+        sim.set_faults(throttle_rate=1.0)
+        response = push(sim, contacts("+1"))
+        assert (response.status_code, response.headers["Retry-After"]) == (429, "0.2")
+
+        sim.set_faults(throttle_rate=0.0, stall_rate=1.0, stall_s=0.6)
+        with pytest.raises(httpx.ReadTimeout):
+            push(sim, contacts("+1", "+2"), timeout=0.3)
+        sim.wait_inserted("1466", 2, timeout=1)  # stored although the client gave up
+
+        sim.set_faults(stall_rate=0.0)
+        assert push(sim, contacts("+1")).json()["statuscode"] == 0
+        sim.wait_inserted("1466", 3)
+        # The stalled request is logged when it answers, after the one that followed it.
+        wait_for(lambda: len(sim.requests()) == 3, what="the stalled request to answer")
+        assert sorted(str(e["fault"]) for e in sim.requests()) == ["None", "random", "random"]
+        assert [r["msisdn"] for r in sim.history("1466")] == ["+1", "+2", "+1"]  # duplicates kept, in order
+        assert len(sim.records("1466")) == 2
+        with pytest.raises(ValueError, match="add up"):
+            sim.set_faults(fail_rate=0.6, stall_rate=0.6)
+
+
+def test_history_endpoint() -> None:
+    with start_in_thread(SimulatorConfig(store="history")) as sim:
+        push(sim, contacts("+1"))
+        push(sim, contacts("+1"))
+        sim.wait_inserted("1466", 2)
+        body = client.get(f"{sim.base_url}/_sim/history", params={"datastore-id": "1466"}).json()
+        assert [r["msisdn"] for r in body["records"]] == ["+1", "+1"]
+        assert client.get(f"{sim.base_url}/_sim/history").status_code == 400
+        assert client.post(f"{sim.base_url}/_sim/faults", json={"stall_rate": 0.5, "stall_s": 2}).json()["stall_s"] == 2
