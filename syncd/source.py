@@ -10,7 +10,7 @@ The rules that keep changes from being lost live here and only here:
   the same second, is still ahead of the cursor when it becomes visible;
 - identifiers come from reflection and are always quoted by SQLAlchemy, never pasted.
 
-The bound is taken in the same transaction (one snapshot) as the first read. Rows are
+The bound is taken just before the first read, in a transaction of its own. Rows are
 streamed (server-side cursors where the driver has them) in chunks, each its own short
 read transaction keeping that bound, so a long throttled backfill never pins a snapshot
 open on the CRM for hours.
@@ -670,9 +670,9 @@ class TableReader:
     ) -> Iterator[Sequence[Sequence[Any]]]:
         """Batches of rows after `cursor` and below the source's bound, in (watermark, key) order.
 
-        The bound is taken in the same transaction (and snapshot) as the first read, and
-        handed to `on_bound`; later chunks keep it. A cycle that continues elsewhere
-        passes its `bound` on instead. A row holds `sync.columns` (the key first); on
+        The bound is taken just before the first read (`take_bound`) and handed to
+        `on_bound`; later chunks keep it. A cycle that continues elsewhere passes its
+        `bound` on instead. A row holds `sync.columns` (the key first); on
         SQLite the canonical watermark text follows them; with `membership` the filter's
         verdict comes last (see `split`). Rows are the driver's, not copied: this is the hot path.
         """
@@ -686,22 +686,30 @@ class TableReader:
         bounded = _watermark_kind(self.table.c[self.sync.watermark], self.dialect) == "time"
         if bounded:
             query = query.where(wm < sa.bindparam("__bound", type_=wm.type))
-        params: dict[str, Any] = {}
-
-        def take_bound(conn: sa.Connection) -> None:
-            taken = self.bound(conn)
-            params["__bound"] = taken.value
-            on_bound(taken)
-
-        if bound is not None:
-            params["__bound"] = bound.value
+        if bound is None:
+            bound = self.take_bound()
+            on_bound(bound)
         yield from self._chunks(
             query,
             lambda last: self._after(cursor if last is None else self.position(last)),
             batch_rows,
-            first=take_bound if bound is None else None,
-            params=params,
+            params={"__bound": bound.value},
         )
+
+    def take_bound(self) -> Bound:
+        """The bound, in a transaction of its own that ends before the read's begins.
+
+        A PostgreSQL read (REPEATABLE READ) takes its snapshot at its first statement: a
+        transaction committing between that snapshot and the look at pg_stat_activity would
+        be in neither, and its row behind the cursor for good. Looked at first, every
+        transaction is either still open then (and holds the bound back) or committed
+        before the read's snapshot (and visible to it).
+        """
+        try:
+            with self.source.engine.connect() as conn, conn.begin():
+                return self.bound(conn)
+        except sa.exc.DBAPIError as error:
+            raise SourceError(describe_db_error(self.source, error)) from None
 
     def all_rows(self, batch_rows: int, *, membership: bool = False) -> Iterator[Sequence[Sequence[Any]]]:
         """Every row (`sync.columns`) in key order, for reconcile."""
@@ -768,13 +776,9 @@ class TableReader:
         after: Callable[[Sequence[Any] | None], sa.ColumnElement[bool] | None],
         batch_rows: int,
         *,
-        first: Callable[[sa.Connection], None] | None = None,
         params: dict[str, Any] | None = None,
     ) -> Iterator[Sequence[Sequence[Any]]]:
-        """Run `query` chunk by chunk, each a short transaction that continues after the last row.
-
-        `first` runs inside the first chunk's transaction, before its read.
-        """
+        """Run `query` chunk by chunk, each a short transaction that continues after the last row."""
         last: Sequence[Any] | None = None
         while True:
             condition = after(last)
@@ -785,9 +789,6 @@ class TableReader:
                     # Fetch in larger round trips than the batches we hand out: fewer waits on the server.
                     conn = conn.execution_options(stream_results=True, yield_per=max(batch_rows, FETCH_ROWS))
                     with conn.begin():
-                        if first is not None:
-                            first(conn)
-                            first = None
                         for rows in conn.execute(chunk, params or {}).partitions(batch_rows):
                             count += len(rows)
                             last = rows[-1]

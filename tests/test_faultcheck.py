@@ -32,24 +32,15 @@ from .test_source import sync_config
 
 CI_SEEDS = range(1, 31)
 
-# Seeds whose plan SIGSTOPs a daemon for longer than the lease while another daemon runs:
-# the resumed one may post values it read before the pause and overwrite newer ones for good
-# (issue 10, "a stale owner"). Fixed on branch scaleout: remove this constant at the merge.
-STALE_OWNER_SEEDS = frozenset({7, 10, 12, 16, 17, 19, 20, 23, 25, 27})
-
 
 @pytest.fixture(scope="module")
 def soft_deletes(tmp_path_factory: pytest.TempPathFactory) -> bool:
     return filter_supported(tmp_path_factory.mktemp("filter-probe"))
 
 
-def _seed(seed: int) -> object:
-    if seed in STALE_OWNER_SEEDS:
-        return pytest.param(seed, marks=pytest.mark.xfail(reason="stale owner: fixed on branch scaleout", strict=False))
-    return seed
 
 
-@pytest.mark.parametrize("seed", [_seed(seed) for seed in CI_SEEDS])
+@pytest.mark.parametrize("seed", CI_SEEDS)
 def test_no_key_is_lost_or_stale_under_faults(seed: int, postgres_url: str, soft_deletes: bool, tmp_path: Path) -> None:
     # postgres_url: skips without PostgreSQL, fails under SYNCD_REQUIRE_SERVICES=1; the run
     # makes databases of its own on the same server.
@@ -154,16 +145,12 @@ def _echo(conn: socket.socket) -> None:
 # ---------------------------------------------------------------- what the checker found
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="source.py reads pg_stat_activity after the read's snapshot (bench/README, 'Fault checker', seeds 89 and 104)",
-)
 def test_a_late_commit_between_the_reads_snapshot_and_the_gate_is_not_skipped(postgres_url, monkeypatch) -> None:
     """The race behind the checker's lost keys, made deterministic: the late transaction
     commits after the read transaction took its snapshot but before the open-transaction
     gate looks at pg_stat_activity. Its row is in neither, and a row committed after its
-    timestamp moves the cursor past it. It patches `TableReader._postgres_bound`, so the fix
-    that moves the gate before the snapshot turns it into an XPASS (strict): drop the mark then."""
+    timestamp moves the cursor past it (bench/README, 'Fault checker', seeds 89 and 104).
+    The bound is now taken in a transaction that ends before the read's begins."""
     # postgres_url: skips without PostgreSQL; the test makes a database of its own.
     admin = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
     database = Database(admin, f"fc_race_{uuid.uuid4().hex[:8]}")  # no other session's transactions
@@ -192,14 +179,14 @@ def _late_commit_race(crm: Crm, monkeypatch: pytest.MonkeyPatch) -> None:
     time.sleep(0.3)  # both older than settle
 
     reader = Source("crm", SourceConfig(url=crm.url)).reader(sync_config(settle="100ms"))
-    original = TableReader._postgres_bound
+    original = TableReader._postgres_clock
 
-    def commit_before_the_gate(self, conn, column, settle):  # type: ignore[no-untyped-def]
-        conn.exec_driver_sql("SELECT 1")  # the read transaction's snapshot (REPEATABLE READ)
+    def commit_before_the_gate(self, conn):  # type: ignore[no-untyped-def]
+        conn.exec_driver_sql("SELECT 1")  # the snapshot of the transaction the gate is read in
         late.commit()
-        return original(self, conn, column, settle)
+        return original(self, conn)
 
-    monkeypatch.setattr(TableReader, "_postgres_bound", commit_before_the_gate)
+    monkeypatch.setattr(TableReader, "_postgres_clock", commit_before_the_gate)
     first = [row for rows in reader.changed_rows(None, 100) for row in rows]
     monkeypatch.undo()
     then = [row for rows in reader.changed_rows(reader.position(first[-1]), 100) for row in rows]
