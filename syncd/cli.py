@@ -18,12 +18,13 @@ from typing import Any
 
 import orjson
 
-from syncd.config import Config, ConfigError, SecretFileError, config_warnings, load_config, read_secret_file
+from syncd.config import Config, ConfigError, config_warnings, load_config, read_secret_file
+from syncd.errors import SyncdError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-class CommandError(Exception):
+class CommandError(SyncdError):
     """A run-time failure with a message for the operator (exit 1)."""
 
 
@@ -38,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"syncd: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except (CommandError, SecretFileError) as error:
+    except SyncdError as error:  # raised on purpose: the message is the operator's (errors.py)
         print(f"syncd: {error}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

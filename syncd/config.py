@@ -30,6 +30,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from syncd.errors import SyncdError
 from syncd.fields import FieldSpec
 from syncd.mapping import FieldError, compile_mapping
 
@@ -55,11 +56,11 @@ _NAME = r"^[a-z0-9_-]+$"
 # the time from the check to the bytes on the wire, and clock-rate differences.
 LEASE_MARGIN_S = 1.0
 
-class ConfigError(Exception):
+class ConfigError(SyncdError):
     """A config that cannot be used; the message is meant for the operator as-is."""
 
 
-class SecretFileError(Exception):
+class SecretFileError(SyncdError):
     """A token_file or password_file that cannot be read now.
 
     A run-time failure (exit 1), not a config error: the config is valid, and the file

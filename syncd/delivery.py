@@ -29,6 +29,7 @@ import orjson
 import structlog
 
 from syncd.config import LEASE_MARGIN_S, ApiConfig, SecretFileError, read_secret_file
+from syncd.errors import SyncdError
 from syncd.state import PushRecord, StateError, utcnow
 
 __all__ = [
@@ -69,7 +70,7 @@ class Ack:
     description: str | None = None
 
 
-class ApiError(Exception):
+class ApiError(SyncdError):
     """An answer (or the lack of one) that is not an ACK."""
 
     def __init__(

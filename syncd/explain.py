@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from syncd.config import Config, SyncConfig
+from syncd.errors import SyncdError
 from syncd.mapping import MappedRows, compile_mapping, map_rows
 from syncd.source import Source, SourceError
 from syncd.state import StateStore, display_value, key_text
@@ -29,7 +30,7 @@ from syncd.status import StateUnavailable, open_existing_state
 __all__ = ["ExplainError", "inspect", "preview", "render_preview", "render_story"]
 
 
-class ExplainError(Exception):
+class ExplainError(SyncdError):
     """The model or the state cannot be read; the message says which and why."""
 
 

@@ -56,6 +56,7 @@ from email_validator import EmailNotValidError, validate_email
 from nameparser import HumanName
 from phonenumbers import PhoneMetadata
 
+from syncd.errors import SyncdError
 from syncd.fields import FieldSpec
 from syncd.state import key_text
 
@@ -75,7 +76,7 @@ Reader = Callable[[Sequence[Any]], Any]
 Convert = Callable[[Any], Any]
 
 
-class RowRejected(Exception):
+class RowRejected(SyncdError):
     """A row that fails local validation; it becomes a dead letter without an API call."""
 
     def __init__(self, attribute: str, reason: str) -> None:

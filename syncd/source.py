@@ -34,6 +34,7 @@ import structlog
 from sqlalchemy.dialects import mysql
 
 from syncd.config import ChangeFeed, SecretFileError, SourceConfig, SyncConfig
+from syncd.errors import SyncdError
 from syncd.state import Cursor, db_error_line, key_text
 
 __all__ = ["Bound", "SchemaProblem", "Source", "SourceError", "TableReader", "prefetched"]
@@ -50,7 +51,7 @@ APPLICATION_NAME = "syncd"  # PostgreSQL application_name, excluded from the ope
 _T = TypeVar("_T")
 
 
-class SourceError(Exception):
+class SourceError(SyncdError):
     """The source cannot be read as configured (connection, missing table or column)."""
 
 

@@ -27,6 +27,8 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
+from syncd.errors import SyncdError
+
 __all__ = [
     "Cursor",
     "DeadLetter",
@@ -147,7 +149,7 @@ dead_letters_table = sa.Table(
 )
 
 
-class LeaseLost(Exception):
+class LeaseLost(SyncdError):
     """This daemon can no longer prove it owns the sync: nothing it read may be sent or committed."""
 
     def __init__(self, sync: str, reason: str = "another syncd took this sync over") -> None:
@@ -156,7 +158,7 @@ class LeaseLost(Exception):
         self.reason = reason
 
 
-class StateError(Exception):
+class StateError(SyncdError):
     """The state database failed or timed out; the message is one line for the operator."""
 
 

@@ -8,7 +8,6 @@ SQLite times kept as text.
 
 from __future__ import annotations
 
-import threading
 import time
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
