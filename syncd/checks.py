@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from syncd.config import Config, SecretFileError, config_warnings, read_secret_file
-from syncd.source import Source, describe_db_error
+from syncd.source import Source, SourceError, describe_db_error
 from syncd.state import StateStore, db_error_line
 
 __all__ = ["CheckLine", "probe_api", "run_checks"]
@@ -45,8 +45,8 @@ def run_checks(config: Config, path: Path) -> Iterator[CheckLine]:
         except sa.exc.DBAPIError as error:
             yield CheckLine("error", f"source {name}", describe_db_error(source, error))
             continue
-        except SecretFileError as error:
-            yield CheckLine("error", f"source {name}", str(error.for_key(f"sources.{name}.password_file")))
+        except SourceError as error:  # e.g. its password_file, named by key
+            yield CheckLine("error", f"source {name}", str(error))
             continue
         except (OSError, ImportError, sa.exc.ArgumentError) as error:
             yield CheckLine("error", f"source {name}", f"{source_config.display_url()}: {error}")
