@@ -92,7 +92,7 @@ def run_trial(args: argparse.Namespace, fault: str) -> dict[str, Any]:
             daemons.append(start(configs[0]))
             wait(lambda: first_request(api, "key#1"), 60, "daemon A's first request")  # A holds the lease
             daemons.append(start(configs[1]))
-            wait(lambda: "daemon_started" in (configs[1].parent / "daemon.log").read_text(), 60, "daemon B")
+            wait(lambda: '"event":"started"' in (configs[1].parent / "daemon.log").read_text(), 60, "daemon B")
             wait(lambda: api.received("1466") >= args.rows // 3, 120, "daemon A's backfill")
             daemons[0].send_signal(signal.SIGKILL if fault == "kill -9" else signal.SIGSTOP)
             stopped = time.time()

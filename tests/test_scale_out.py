@@ -160,7 +160,7 @@ def test_three_daemons_started_at_once_on_an_empty_state_database_all_run(crm, a
     crm.insert([contact(i) for i in range(1, 31)], stamp=old(crm, 3))
     started = [daemons(scale_out_config(tmp_path / name, crm, api)) for name in "abc"]
     for daemon in started:
-        daemon.wait_event("daemon_started", timeout=60)
+        daemon.wait_event("started", timeout=60)
     wait_for(lambda: len(stored_names(api)) == 30, what="the 30 contacts")
     assert all(daemon.proc.poll() is None for daemon in started)
     assert pushed_records(api) == 30  # one of them ran the sync, once

@@ -201,8 +201,8 @@ class Daemon:
         return self.proc is not None and self.proc.poll() is None
 
     def started(self) -> bool:
-        """Whether the current incarnation has logged `daemon_started` (or exited)."""
-        return not self.alive or self.log_path.read_bytes().count(b'"daemon_started"') >= self.incarnations
+        """Whether the current incarnation has logged `started` (or exited)."""
+        return not self.alive or self.log_path.read_bytes().count(b'"event":"started"') >= self.incarnations
 
     def kill(self) -> None:
         self.note_exit()
