@@ -338,8 +338,8 @@ def test_wrong_key_is_auth_error_and_a_new_key_in_the_file_resumes(crm, api, tmp
 
     def state() -> str | None:
         result = syncd("status", "-c", str(config), "--json")
-        if result.returncode == 1 and "no state database" in result.stderr:
-            return None  # the daemon has not created it yet
+        if result.returncode == 1 and ("no state database" in result.stderr or "migrate" in result.stderr):
+            return None  # the daemon has not created or migrated it yet
         value = json.loads(result.stdout)["syncs"][0]["state"]
         assert result.returncode == (3 if value == "auth_error" else 0), result.stderr
         return value

@@ -20,7 +20,7 @@ from syncd.config import load_config
 from syncd.runtime import Runtime
 from syncd.simulator import SimulatorConfig, start_in_thread
 from syncd.state import LeaseLost, StateError, StateStore
-from syncd.status import collect_status
+from syncd.status import StateUnavailable, collect_status
 
 from .crm import TOKEN, Crm, contact, wait_for, write_config
 from .test_daemon import daemons  # noqa: F401  (fixture)
@@ -197,7 +197,10 @@ def test_status_shows_a_first_backfill_running_with_its_progress_and_owner(tmp_p
         config = load_config(path)
 
         def running() -> dict[str, Any] | None:
-            (entry,) = collect_status(config, live_backlog=False)
+            try:
+                (entry,) = collect_status(config, live_backlog=False)
+            except StateUnavailable:  # the daemon has not created or migrated it yet
+                return None
             return entry if entry["running"] and entry["progress"]["sent"] > 0 else None
 
         entry = wait_for(running, timeout=30, what="status to show the backfill running")
