@@ -186,7 +186,7 @@ class SyncRunner:
         self._auth_backoff = AUTH_BACKOFF_START
         self._has_removals = False  # whether acknowledged keys may end a recorded removal
         self._duplicates_possible: bool | None = None  # None: not known yet (then they are looked for)
-        self._duplicates: dict[str, int] | None = None  # the whole model's, during a full pass (else looked up per batch)
+        self._duplicates: dict[str, int] | None = None  # the model's, during a full pass; else asked per batch
 
     # -- entry points
 
