@@ -417,7 +417,7 @@ class SyncRunner:
                 found: set[str] = set()
                 for model_rows in self.reader.rows_by_keys(keys, membership=True) if keys else ():
                     found.update(key_text(row[0]) for row in model_rows)
-                    yield self._prepare(model_rows, cursor=None)
+                    yield self._prepare(model_rows, cursor=None, whole=True)
                 last = _Batch(cursor=None, feed=(feed.feed_id, reader.position(rows[-1])), barrier=True)
                 missing = [key for key in keys if key not in found]
                 if missing:  # a key the model does not have: nothing, unless it was sent before
@@ -488,7 +488,7 @@ class SyncRunner:
                 self._left_filter(batch, outside)
                 yield batch
                 for rows in self.reader.rows_by_keys(stale, membership=True) if stale else ():
-                    yield self._prepare(rows, cursor=None, refresh=True)
+                    yield self._prepare(rows, cursor=None, refresh=True, whole=True)
         else:
             hash_of = self.reader.source_hash
             for read in self.reader.all_rows(size, membership=True):
@@ -518,13 +518,19 @@ class SyncRunner:
 
     def _keyed(self, keys: list[str]) -> Iterator[_Batch]:
         for rows in self.reader.rows_by_keys(keys, membership=True):
-            yield self._prepare(rows, cursor=None)
+            yield self._prepare(rows, cursor=None, whole=True)
 
-    def _prepare(self, read: Sequence[Sequence[Any]], *, cursor: Cursor | None, refresh: bool = False) -> _Batch:
-        """Map rows read with `membership=True`; rows that fail the filter are not mapped."""
+    def _prepare(
+        self, read: Sequence[Sequence[Any]], *, cursor: Cursor | None, refresh: bool = False, whole: bool = False
+    ) -> _Batch:
+        """Map rows read with `membership=True`; rows that fail the filter are not mapped.
+
+        `whole`: `read` holds every row the model has for its keys (one `rows_by_keys`
+        batch), so counting them finds the duplicates without asking the model again.
+        """
         rows, outside = self.reader.split(read)
         mapped = map_rows(rows, self.mapping, target=self._target, source_hash=self.reader.source_hash)
-        return self._select(mapped, rows=len(read), cursor=cursor, refresh=refresh, outside=outside)
+        return self._select(mapped, rows=len(read), cursor=cursor, refresh=refresh, outside=outside, whole=whole)
 
     def _select(
         self,
@@ -534,15 +540,17 @@ class SyncRunner:
         cursor: Cursor | None,
         refresh: bool = False,
         outside: Sequence[str] = (),
+        whole: bool = False,
     ) -> _Batch:
         """Keep the records whose payload differs from the last acknowledged one.
 
         `refresh`: also note new source fingerprints of rows whose payload is unchanged.
         `outside`: keys of rows that fail the filter (removed if they were ever acknowledged).
+        `whole`: the rows are all the model has for their keys (see `_prepare`).
         """
         batch = _Batch(cursor=cursor, rows=rows)
         if self._duplicates_possible is not False:
-            mapped, outside = self._without_duplicates(batch, mapped, outside)
+            mapped, outside = self._without_duplicates(batch, mapped, outside, ask=not whole)
         batch.dead_letters.extend(
             DeadLetter(key=key, reason=f"invalid row: {reason}", payload=row) for key, reason, row in mapped.rejected
         )
@@ -572,7 +580,7 @@ class SyncRunner:
         return batch
 
     def _without_duplicates(
-        self, batch: _Batch, mapped: MappedRows, outside: Sequence[str]
+        self, batch: _Batch, mapped: MappedRows, outside: Sequence[str], *, ask: bool = True
     ) -> tuple[MappedRows, Sequence[str]]:
         """Dead-letter keys the model holds more than once; neither row is sent.
 
@@ -584,7 +592,7 @@ class SyncRunner:
         counts = {key: n for key, n in Counter(keys).items() if n > 1}
         if self._duplicates is not None:  # a full pass: the model's duplicates were found when it began
             counts.update((key, self._duplicates[key]) for key in keys if key in self._duplicates)
-        elif keys:
+        elif keys and ask:
             counts.update(self.reader.duplicate_keys(keys))
         if not counts:
             return mapped, outside
