@@ -186,6 +186,7 @@ class SyncRunner:
         self._auth_backoff = AUTH_BACKOFF_START
         self._has_removals = False  # whether acknowledged keys may end a recorded removal
         self._duplicates_possible: bool | None = None  # None: not known yet (then they are looked for)
+        self._duplicates: dict[str, int] | None = None  # the model's, during a full pass; else asked per batch
 
     # -- entry points
 
@@ -288,6 +289,7 @@ class SyncRunner:
         if not self._schema_checked:
             self.warm_up()
         self._learn_key_uniqueness()
+        self._duplicates = None  # a full pass that ended early leaves none behind
         lease = self.state.acquire_lease(self.sync.name, self.lease)
         if lease is None:
             owner, until = self.state.lease_holder(self.sync.name)
@@ -345,6 +347,19 @@ class SyncRunner:
             bounds.append(bound)
             report.bound, report.settled = bound.value, bound.settled
 
+        # A first backfill reads the whole model: a feed that never ran starts where reading
+        # it in full would end, at its last row now, without re-reading the keys it names.
+        # Found before the model's reads begin, those rows' changes are in what they read.
+        skip_to: dict[str, Cursor] = {}
+        if cursor is None and not self._compare:
+            for feed, reader in self.reader.feeds:
+                if self.state.feed_cursor(self.sync.name, feed.feed_id) is None:
+                    position = reader.last_position(reader.take_bound())
+                    if position is not None:
+                        skip_to[feed.feed_id] = position
+        if cursor is None and self._duplicates_possible is not False:
+            # The whole model is read: one aggregate over it instead of a lookup per batch.
+            self._duplicates = self.reader.duplicate_keys()
         offload: Offload | None = None
         handed_over = False
         read = 0
@@ -377,31 +392,56 @@ class SyncRunner:
                 results = offload.batches(cursor, bounds[0])
                 for position, rows_read, mapped, outside in prefetched(results, depth=OFFLOAD_AHEAD):
                     yield self._select(mapped, rows=rows_read, cursor=position, outside=outside)
+        if self._duplicates is not None:
+            yield self._new_duplicates()
         if self.reader.feeds:
-            yield from self._feed_changes()
+            yield from self._feed_changes(skip_to)
 
-    def _feed_changes(self) -> Iterator[_Batch]:
+    def _feed_changes(self, skip_to: dict[str, Cursor]) -> Iterator[_Batch]:
         """The keys each change feed names since its cursor, re-read from the model.
 
         Each feed batch waits for the one before to be answered and committed: a key may
         come up again in the next one, and its digest must be there to compare with.
+        A feed in `skip_to` moves there instead (the whole model was just read, every
+        batch of it answered and committed: this is reached only then).
         """
         yield _Batch(cursor=None, barrier=True)  # the model's changes are in; so are their digests
         self._compare = True  # a first backfill has stored its digests now
         for feed, reader in self.reader.feeds:
+            if feed.feed_id in skip_to:
+                yield _Batch(cursor=None, feed=(feed.feed_id, skip_to[feed.feed_id]), barrier=True)
+                continue
             cursor = self.state.feed_cursor(self.sync.name, feed.feed_id)
             for rows in reader.changed_rows(cursor, self.api.max_batch_records):
                 keys = list(dict.fromkeys(key_text(row[0]) for row in rows if row[0] is not None))
                 found: set[str] = set()
                 for model_rows in self.reader.rows_by_keys(keys, membership=True) if keys else ():
                     found.update(key_text(row[0]) for row in model_rows)
-                    yield self._prepare(model_rows, cursor=None)
+                    yield self._prepare(model_rows, cursor=None, whole=True)
                 last = _Batch(cursor=None, feed=(feed.feed_id, reader.position(rows[-1])), barrier=True)
                 missing = [key for key in keys if key not in found]
                 if missing:  # a key the model does not have: nothing, unless it was sent before
                     known = self.state.known_digests(self.sync.name, missing)
                     self._leave(last, [key for key in missing if key in known], "not in the model")
                 yield last
+
+    def _new_duplicates(self) -> _Batch:
+        """Keys that a full pass's model holds twice now but did not when its read began.
+
+        Rows of such a key may have gone out during the pass (a per-batch lookup would
+        have seen them a little later): they are reported now, and from here on every
+        batch asks again, so they are not sent back and forth.
+        """
+        before, self._duplicates = self._duplicates or {}, None
+        batch = _Batch(cursor=None)
+        for key, n in self.reader.duplicate_keys().items():
+            if key not in before:
+                self._report_duplicate(batch, key, n)
+        return batch
+
+    def _report_duplicate(self, batch: _Batch, key: str, n: int) -> None:
+        log.error("duplicate_key", key=key, rows=n, action="fix the model so that it has one row per key")
+        batch.dead_letters.append(DeadLetter(key=key, reason=f"duplicate key in model: {n} rows have key {key}"))
 
     def _start_offload(self, cursor: Cursor | None) -> Offload | None:
         """A child process to read and map the rest of this cycle, when more than `offload_after` rows wait.
@@ -448,7 +488,7 @@ class SyncRunner:
                 self._left_filter(batch, outside)
                 yield batch
                 for rows in self.reader.rows_by_keys(stale, membership=True) if stale else ():
-                    yield self._prepare(rows, cursor=None, refresh=True)
+                    yield self._prepare(rows, cursor=None, refresh=True, whole=True)
         else:
             hash_of = self.reader.source_hash
             for read in self.reader.all_rows(size, membership=True):
@@ -478,13 +518,19 @@ class SyncRunner:
 
     def _keyed(self, keys: list[str]) -> Iterator[_Batch]:
         for rows in self.reader.rows_by_keys(keys, membership=True):
-            yield self._prepare(rows, cursor=None)
+            yield self._prepare(rows, cursor=None, whole=True)
 
-    def _prepare(self, read: Sequence[Sequence[Any]], *, cursor: Cursor | None, refresh: bool = False) -> _Batch:
-        """Map rows read with `membership=True`; rows that fail the filter are not mapped."""
+    def _prepare(
+        self, read: Sequence[Sequence[Any]], *, cursor: Cursor | None, refresh: bool = False, whole: bool = False
+    ) -> _Batch:
+        """Map rows read with `membership=True`; rows that fail the filter are not mapped.
+
+        `whole`: `read` holds every row the model has for its keys (one `rows_by_keys`
+        batch), so counting them finds the duplicates without asking the model again.
+        """
         rows, outside = self.reader.split(read)
         mapped = map_rows(rows, self.mapping, target=self._target, source_hash=self.reader.source_hash)
-        return self._select(mapped, rows=len(read), cursor=cursor, refresh=refresh, outside=outside)
+        return self._select(mapped, rows=len(read), cursor=cursor, refresh=refresh, outside=outside, whole=whole)
 
     def _select(
         self,
@@ -494,15 +540,17 @@ class SyncRunner:
         cursor: Cursor | None,
         refresh: bool = False,
         outside: Sequence[str] = (),
+        whole: bool = False,
     ) -> _Batch:
         """Keep the records whose payload differs from the last acknowledged one.
 
         `refresh`: also note new source fingerprints of rows whose payload is unchanged.
         `outside`: keys of rows that fail the filter (removed if they were ever acknowledged).
+        `whole`: the rows are all the model has for their keys (see `_prepare`).
         """
         batch = _Batch(cursor=cursor, rows=rows)
         if self._duplicates_possible is not False:
-            mapped, outside = self._without_duplicates(batch, mapped, outside)
+            mapped, outside = self._without_duplicates(batch, mapped, outside, ask=not whole)
         batch.dead_letters.extend(
             DeadLetter(key=key, reason=f"invalid row: {reason}", payload=row) for key, reason, row in mapped.rejected
         )
@@ -532,7 +580,7 @@ class SyncRunner:
         return batch
 
     def _without_duplicates(
-        self, batch: _Batch, mapped: MappedRows, outside: Sequence[str]
+        self, batch: _Batch, mapped: MappedRows, outside: Sequence[str], *, ask: bool = True
     ) -> tuple[MappedRows, Sequence[str]]:
         """Dead-letter keys the model holds more than once; neither row is sent.
 
@@ -542,13 +590,14 @@ class SyncRunner:
         """
         keys = [*mapped.keys, *(key for key, _, _ in mapped.rejected), *outside]
         counts = {key: n for key, n in Counter(keys).items() if n > 1}
-        if keys:
+        if self._duplicates is not None:  # a full pass: the model's duplicates were found when it began
+            counts.update((key, self._duplicates[key]) for key in keys if key in self._duplicates)
+        elif keys and ask:
             counts.update(self.reader.duplicate_keys(keys))
         if not counts:
             return mapped, outside
         for key, n in counts.items():
-            log.error("duplicate_key", key=key, rows=n, action="fix the model so that it has one row per key")
-            batch.dead_letters.append(DeadLetter(key=key, reason=f"duplicate key in model: {n} rows have key {key}"))
+            self._report_duplicate(batch, key, n)
         kept = MappedRows(rejected=[item for item in mapped.rejected if item[0] not in counts])
         for key, encoded, digest, source in zip(mapped.keys, mapped.encoded, mapped.digests, mapped.sources, strict=True):
             if key not in counts:

@@ -229,6 +229,76 @@ def test_a_duplicate_key_is_reported_and_never_pushed_back_and_forth(suite, api,
     assert pushed_records(api) == 4
 
 
+def second_address(crm: Crm, contact_id: int) -> None:
+    """A second address row and relation for one contact: two rows of its key in DUPLICATING."""
+    with crm.engine.begin() as conn:
+        address = f"ea-{contact_id}b"
+        conn.execute(
+            crm.addresses.insert().values(id=address, email_address=f"second{contact_id}@example.com", date_modified=crm.stamp())
+        )
+        conn.execute(
+            crm.relations.insert().values(
+                id=f"rel-{contact_id}b", email_address_id=address, bean_id=contact_id, bean_module="Contacts",
+                date_modified=crm.stamp(),
+            )
+        )
+
+
+def test_a_key_a_change_feed_finds_twice_is_reported_and_not_pushed(suite, api, state_url, tmp_path):  # noqa: F811
+    """The feed's re-read of a key returns all of its rows: two rows, a dead letter, nothing sent."""
+    suite.insert([contact(i) for i in range(1, 6)])
+    for i in range(1, 6):
+        suite.link_email(i, f"first{i}@example.com")
+    config = config_for(suite, api.url, state_url, tmp_path, model=DUPLICATING, tables=FEEDS)
+    assert once(config) == 0
+    assert pushed_records(api) == 5
+
+    second_address(suite, 3)  # only the relation tables change: the feeds find key 3
+    suite.change_email(4, "changed4@example.com")
+    assert once(config) == 0
+
+    assert pushed_records(api) == 6  # contact 4's new address, not contact 3
+    api.wait_inserted("1466", 5)
+    assert stored(api)[phone(3)]["emailid"] == "first3@example.com"
+    (letter,) = StateStore(state_url).dead_letters("contacts")
+    assert letter.key == "3" and "duplicate key in model: 2 rows" in letter.reason
+
+
+def test_a_key_that_turns_duplicate_while_a_full_pass_reads_is_reported(
+    suite, api, state_url, tmp_path, monkeypatch  # noqa: F811
+):
+    """A full pass looks for duplicates once, before it reads; a second row committed after
+    that look is still seen (both rows are in the read) and reported, and neither is sent."""
+    suite.insert([contact(i) for i in range(1, 6)])
+    for i in range(1, 6):
+        suite.link_email(i, f"first{i}@example.com")
+    config = config_for(suite, api.url, state_url, tmp_path, model=DUPLICATING)
+    looked: list[str] = []
+
+    def after(conn, cursor, statement, parameters, context, executemany) -> None:
+        if "GROUP BY" in statement.upper() and "email_addr_bean_rel" in statement and not looked:
+            looked.append(statement)  # the pass's look for duplicates has run: now the second row
+            second_address(suite, 3)
+
+    create_engine = sa.create_engine
+
+    def listening(*args, **kwargs):  # every engine syncd creates (the source's among them) gets the listener
+        created = create_engine(*args, **kwargs)
+        sa.event.listen(created, "after_cursor_execute", after)
+        return created
+
+    monkeypatch.setattr(sa, "create_engine", listening)
+    assert once(config) == 0
+    monkeypatch.undo()
+    assert looked, "the full pass did not look for duplicate keys before reading"
+    assert pushed_records(api) == 4
+    api.wait_inserted("1466", 4)
+    assert phone(3) not in stored(api)
+    letters = StateStore(state_url).dead_letters("contacts")
+    assert {letter.key for letter in letters} == {"3"}
+    assert all("duplicate key in model: 2 rows" in letter.reason for letter in letters)
+
+
 def test_check_verifies_a_query_model_by_data_without_index_advice(suite, api, tmp_path, capfd):
     suite.insert([contact(i) for i in range(1, 4)])
     config = config_for(suite, api.url, f"sqlite:///{tmp_path / 'state.db'}", tmp_path, model=QUERY, tables=FEEDS)
