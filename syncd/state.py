@@ -824,24 +824,34 @@ class StateStore:
 
     # -- reading for operators
 
-    def status(self) -> list[SyncStatus]:
+    def status(self, sync: str | None = None) -> list[SyncStatus]:
+        """Where every sync stands (or only `sync`), in name order."""
+
+        def only(query: sa.Select[Any], column: sa.Column[Any]) -> sa.Select[Any]:
+            return query if sync is None else query.where(column == sync)
+
         with self.engine.connect() as conn:
             open_letters = dict(
                 conn.execute(
-                    sa.select(dead_letters_table.c.sync, sa.func.count())
+                    only(sa.select(dead_letters_table.c.sync, sa.func.count()), dead_letters_table.c.sync)
                     .where(dead_letters_table.c.resolved_at.is_(None))
                     .group_by(dead_letters_table.c.sync)
                 ).all()
             )
             removed = dict(
-                conn.execute(sa.select(removals_table.c.sync, sa.func.count()).group_by(removals_table.c.sync)).all()
+                conn.execute(
+                    only(sa.select(removals_table.c.sync, sa.func.count()), removals_table.c.sync).group_by(
+                        removals_table.c.sync
+                    )
+                ).all()
             )
             # Compared with the database's clock: a lease that ran out means no cycle runs.
             current = sa.and_(syncs_table.c.owner.is_not(None), syncs_table.c.lease_until > self._now())
             rows = conn.execute(
-                sa.select(syncs_table, sa.case((current, True), else_=False).label("lease_current")).order_by(
-                    syncs_table.c.name
-                )
+                only(
+                    sa.select(syncs_table, sa.case((current, True), else_=False).label("lease_current")),
+                    syncs_table.c.name,
+                ).order_by(syncs_table.c.name)
             ).all()
         return [
             SyncStatus(
@@ -924,26 +934,10 @@ class StateStore:
             ).rowcount
 
     def sync_status(self, sync: str) -> SyncStatus | None:
-        """One sync's row of `status()`, read by its key (a daemon that does not hold the
-        sync shows the holder's progress in its metrics)."""
-        with self.engine.connect() as conn:
-            row = conn.execute(sa.select(syncs_table).where(syncs_table.c.name == sync)).one_or_none()
-        if row is None:
-            return None
-        return SyncStatus(
-            name=row.name,
-            state=row.state,
-            watermark=decode_value(row.watermark),
-            watermark_key=decode_value(row.watermark_key),
-            last_run_at=_aware(row.last_run_at),
-            last_success_at=_aware(row.last_success_at),
-            last_error=row.last_error,
-            records_sent=row.records_sent,
-            backlog=row.backlog,
-            dead_letters=self.open_dead_letter_count(sync),
-            owner=row.owner,
-            lease_until=_aware(row.lease_until),
-        )
+        """One sync's row of `status()` (a daemon that does not hold the sync shows the
+        holder's progress in its metrics)."""
+        found = self.status(sync)
+        return found[0] if found else None
 
     # -- read-only views for operators (status, pushes, preview, inspect)
 
