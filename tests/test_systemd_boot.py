@@ -162,7 +162,8 @@ def _installed_code() -> Path:
 
 
 def _hidden_from_the_service(path: Path) -> bool:
-    return path.resolve().is_relative_to("/root") or path.resolve().is_relative_to("/home")
+    """Under ProtectHome= (/root, /home) or PrivateTmp= (/tmp, /var/tmp): the service sees none of it."""
+    return any(path.resolve().is_relative_to(top) for top in ("/root", "/home", "/tmp", "/var/tmp"))
 
 
 def _write_venv(opt: Path, python: str) -> None:
@@ -216,8 +217,8 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
     _write_crm(etc / "crm.db", 5)
     (units / "syncd.service.d").mkdir(parents=True)
     shutil.copy(UNIT, units / "syncd.service")  # as shipped
-    # A checkout under /root or /home (a CI clone, say): ProtectHome=yes would hide the
-    # code itself, and /root is 0700 anyway. Bring back just those paths, for the test.
+    # A checkout under /root, /home or /tmp (a CI clone, say): ProtectHome= and PrivateTmp=
+    # would hide the code itself, and /root is 0700 anyway. Bring back just those paths.
     hidden = [f"BindReadOnlyPaths={path}" for path in shared if _hidden_from_the_service(path)]
     properties = ["ProtectHome=tmpfs", *hidden] if hidden else []
     test_settings = [f"WatchdogSec={WATCHDOG_S}", "RestartSec=1", *properties]
