@@ -105,7 +105,13 @@ def test_an_owner_paused_past_its_lease_sends_nothing_when_it_resumes(crm, api, 
     api.set_faults(latency_s=0.05)  # a backfill of some seconds, always batches on the wire
     first = daemons(scale_out_config(tmp_path / "a", crm, api, batch=10, in_flight=4))
     wait_for(lambda: len(sent_by(api, "key#1")) >= 10, what="the first daemon to be sending")
+    # Pause it with all four batches on the wire, accepted and waiting for their answers (and
+    # then for retries): a pause in the middle of writing a request, between its headers and
+    # its body, is the one window fencing cannot close (systemd/README.md, "Scale-out").
+    api.set_faults(stall_rate=1.0, stall_s=2.0)
+    wait_for(lambda: api.received("1466") - sum(r["records"] for r in api.requests()) >= 40, what="4 batches held")
     first.signal(signal.SIGSTOP)
+    api.set_faults(stall_rate=0.0)
     crm.update(range(1, 601), bump=False, first_name="After", updated_at=old(crm, 2))
     second = daemons(scale_out_config(tmp_path / "b", crm, api, token=OTHER_TOKEN, batch=50))
     wait_for(
