@@ -44,7 +44,7 @@ from syncd.delivery import (
     Deliverer,
     DeliveryResult,
 )
-from syncd.mapping import MappedRows, Mapping, compile_mapping, map_rows
+from syncd.mapping import MappedRows, Mapping, compile_mapping, digest_target, map_rows
 from syncd.metrics import Metrics
 from syncd.offload import Offload
 from syncd.source import Bound, SourceError, TableReader, prefetched
@@ -176,7 +176,7 @@ class SyncRunner:
         self.mapping: Mapping = compile_mapping(sync.fields, sync.columns)
         self.mapping_hash = _mapping_hash(sync, reader)
         # Digests are keyed by where records go: a new datastore or feed gets everything again.
-        self._target = hashlib.blake2b(f"{sync.datastore_id}\0{sync.feed_id}".encode(), digest_size=32).digest()
+        self._target = digest_target(sync.datastore_id, sync.feed_id)
         self._pass_complete = False
         self.stopped: str | None = None  # set by a configuration error; cleared by a reload
         self._schema_checked = False

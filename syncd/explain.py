@@ -13,7 +13,6 @@ dead letter of the key was resolved by a delivery.
 
 from __future__ import annotations
 
-import hashlib
 import textwrap
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +21,7 @@ import orjson
 
 from syncd.config import Config, SyncConfig
 from syncd.errors import SyncdError
-from syncd.mapping import MappedRows, compile_mapping, map_rows
+from syncd.mapping import MappedRows, compile_mapping, digest_target, map_rows
 from syncd.source import Source, SourceError
 from syncd.state import StateStore, display_value, key_text
 from syncd.status import StateUnavailable, open_existing_state
@@ -71,11 +70,6 @@ class _Model:
 
     def close(self) -> None:
         self.source.dispose()
-
-
-def _target(sync: SyncConfig) -> bytes:
-    # The digest key of SyncRunner (cycle.py): the same payload bound for another datastore or feed differs.
-    return hashlib.blake2b(f"{sync.datastore_id}\0{sync.feed_id}".encode(), digest_size=32).digest()
 
 
 def _state(config: Config) -> StateStore | None:
@@ -181,7 +175,7 @@ def inspect(config: Config, sync: SyncConfig, key: str) -> dict[str, Any]:
 
 def _mapped(rows: Sequence[Sequence[Any]], sync: SyncConfig) -> MappedRows:
     """Rows mapped, encoded and digested exactly as a cycle does it."""
-    return map_rows(rows, compile_mapping(sync.fields, sync.columns), target=_target(sync), source_hash=_no_hash)
+    return map_rows(rows, compile_mapping(sync.fields, sync.columns), target=digest_target(sync.datastore_id, sync.feed_id), source_hash=_no_hash)
 
 
 def _no_hash(row: Sequence[Any]) -> bytes:

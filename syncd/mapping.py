@@ -145,6 +145,11 @@ def encode_payload(payload: dict[str, Any]) -> bytes:
     return orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
 
 
+def digest_target(datastore_id: str, feed_id: str) -> bytes:
+    """The key of a sync's digests: where its records go (a new datastore or feed gets everything again)."""
+    return hashlib.blake2b(f"{datastore_id}\0{feed_id}".encode(), digest_size=32).digest()
+
+
 def digest_encoded(encoded: bytes, target: bytes = b"") -> bytes:
     """A 16-byte digest of an encoded payload, the same in every process.
 
