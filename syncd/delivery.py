@@ -28,6 +28,7 @@ import httpx
 import orjson
 import structlog
 
+from syncd._wire import LateToSend, OneWriteTransport, send_by
 from syncd.config import LEASE_MARGIN_S, ApiConfig, SecretFileError, read_secret_file
 from syncd.errors import SyncdError
 from syncd.state import PushRecord, StateError, utcnow
@@ -273,7 +274,9 @@ class SharedRateLimiter(RateLimiter):
 class Fence(Protocol):
     """What a send must prove first: that this daemon holds the sync's lease (state.Lease)."""
 
-    def ensure(self, seconds: float) -> None: ...  # raises LeaseLost unless held `seconds` longer
+    def ensure(self, seconds: float) -> float:
+        """The monotonic time the lease is proven held until, `seconds` away or more; else LeaseLost."""
+        ...
 
     def check(self) -> None: ...  # raises LeaseLost once lost
 
@@ -292,7 +295,8 @@ class ApiClient:
             # headers and body each get a quarter), so the lease it was checked against still
             # holds when the API takes it; the answer may take timeout_s more.
             timeout=httpx.Timeout(config.timeout_s, pool=quarter, connect=quarter, write=quarter),
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+            # Each request in one write, checked against its lease proof right before (_wire.py).
+            transport=OneWriteTransport(limits=httpx.Limits(max_connections=64, max_keepalive_connections=64)),
             headers={"content-type": "application/json", "user-agent": "syncd"},
         )
 
@@ -311,6 +315,7 @@ class ApiClient:
 
         `fence`: checked last before the request goes out (after the rate limiter's wait),
         for as long as the request can take to reach the API; it raises LeaseLost to forbid it.
+        The request then leaves in one write, and only while that proof still holds.
         """
         if records and type(records[0]) is bytes:  # the sync cycle's: encoded once, when mapped
             encoded = b",".join(records)  # type: ignore[arg-type]
@@ -323,10 +328,17 @@ class ApiClient:
         )
         self.limiter.acquire()
         headers = {"authorization": f"Bearer {self.tokens.get()}"}
+        deadline = None
         if fence is not None:
-            fence.ensure(self.timeout_s + LEASE_MARGIN_S)
+            # Proven now for as long as the request can take; the bytes must leave a margin
+            # before the proof ends (half the proof where a lease is that short: SQLite, one host).
+            proven, now = fence.ensure(self.timeout_s + LEASE_MARGIN_S), time.monotonic()
+            deadline = proven - min(LEASE_MARGIN_S, (proven - now) / 2)
         try:
-            response = self._http.post(self.url, content=body, headers=headers)
+            with send_by(deadline):
+                response = self._http.post(self.url, content=body, headers=headers)
+        except LateToSend:  # paused, or starved, since the check: the next attempt proves the lease again
+            raise RetryableError("not sent: the lease proof ran out before the request could go out") from None
         except httpx.TimeoutException as error:
             raise RetryableError(f"timed out: {type(error).__name__}") from None
         except httpx.TransportError as error:

@@ -187,25 +187,28 @@ class Lease:
         if self.lost is not None:
             raise LeaseLost(self.sync, self.lost)
 
-    def ensure(self, seconds: float) -> None:
-        """Return only while the lease is provably held `seconds` longer; renew first if needed.
+    def ensure(self, seconds: float) -> float:
+        """Return the monotonic time the lease is provably held until, only while that is
+        `seconds` away or more; renew first if needed.
 
-        Called before every HTTP attempt with the longest that request can take. A failed
-        renewal loses the lease for good: what was read under it must be dropped.
+        Called before every HTTP attempt with the longest that request can take; the request
+        then goes out only before that time (delivery.py). A failed renewal loses the lease
+        for good: what was read under it must be dropped.
         """
         # Only on SQLite (one host) may a lease be shorter than a request (config.py):
         # there it only keeps a second local process out.
         seconds = min(seconds, self.ttl.total_seconds() / 2)
         self.check()
-        if time.monotonic() + seconds <= self.held_until:
-            return
+        if time.monotonic() + seconds <= (held := self.held_until):
+            return held
         with self.writing:
             self.check()
-            if time.monotonic() + seconds <= self.held_until:
-                return  # another thread renewed it meanwhile
+            if time.monotonic() + seconds <= (held := self.held_until):
+                return held  # another thread renewed it meanwhile
             self._renew(lose_on_error=True)
-            if time.monotonic() + seconds > self.held_until:  # the renewal itself took that long
+            if time.monotonic() + seconds > (held := self.held_until):  # the renewal itself took that long
                 self.lose("the state database answered too slowly to renew the lease")
+            return held
 
     def renew(self) -> None:
         """Renew now; a state database error leaves the lease as it was (ensure() decides)."""

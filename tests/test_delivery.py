@@ -7,7 +7,14 @@ exercised through the real HTTP client without a server.
 
 from __future__ import annotations
 
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -17,6 +24,7 @@ import httpx
 import orjson
 import pytest
 
+from syncd._wire import OneWriteTransport
 from syncd.config import ApiConfig
 from syncd.delivery import (
     Ack,
@@ -411,3 +419,164 @@ def test_client_uses_the_rate_limiter(tmp_path: Path) -> None:
     for _ in range(9):
         client.push("1466", "1499", records(1))
     assert time.monotonic() - started >= 0.18  # 8 intervals of 25 ms
+
+
+# ---------------------------------------------------------------------------- on the wire
+
+
+ACK_BODY = orjson.dumps({"statuscode": 0, "trans_id": "t", "result": {"correlation_id": "c", "status": 0}})
+ACK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b" % (len(ACK_BODY), ACK_BODY)
+
+
+class WireServer:
+    """A real HTTP/1.1 endpoint on 127.0.0.1: acks every request, keeps the bytes each connection received."""
+
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}/v1/datastores/contacts"
+        self.connections: list[bytearray] = []
+        self.ended = threading.Semaphore(0)  # released as each connection ends
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def wait_ended(self, count: int) -> None:
+        for _ in range(count):
+            assert self.ended.acquire(timeout=10), "a connection the client should have closed stayed open"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+
+    def _connection(self, conn: socket.socket) -> None:
+        received = bytearray()
+        self.connections.append(received)
+        try:
+            if self.tls is not None:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            with conn:
+                pending = b""
+                while True:
+                    while b"\r\n\r\n" not in pending:
+                        pending += self._recv(conn, received)
+                    head, _, pending = pending.partition(b"\r\n\r\n")
+                    length = int(re.search(rb"content-length: *(\d+)", head, re.IGNORECASE).group(1))
+                    while len(pending) < length:
+                        pending += self._recv(conn, received)
+                    pending = pending[length:]
+                    conn.sendall(ACK)
+        except (EOFError, OSError):
+            pass
+        finally:
+            self.ended.release()
+
+    @staticmethod
+    def _recv(conn: socket.socket, received: bytearray) -> bytes:
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise EOFError
+        received += chunk
+        return chunk
+
+
+class Proof:
+    """A lease as ApiClient sees it: proven held until `seconds` from each check."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def ensure(self, seconds: float) -> float:
+        return time.monotonic() + self.seconds
+
+    def check(self) -> None:
+        pass
+
+
+def wide_records(n: int) -> list[dict[str, Any]]:
+    """A batch as large as real ones get: 500 records of about 200 bytes make 100 KB."""
+    return [{"msisdn": f"+44207946{i:04d}", "firstname": f"F{i}", "notes": "x" * 160} for i in range(n)]
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[WireServer]:
+    """A WireServer; `server.client_sends` is the size of each send/sendall of the client's sockets."""
+    server = WireServer()
+    server.client_sends = []
+    for name in ("send", "sendall"):
+        original = getattr(socket.socket, name)
+
+        def spy(self: socket.socket, data: Any, *args: Any, _original: Any = original) -> Any:
+            if self.getpeername()[1] == server.port:  # a client's socket, not the server's
+                server.client_sends.append(len(data))
+            return _original(self, data, *args)
+
+        monkeypatch.setattr(socket.socket, name, spy)
+    yield server
+    server.close()
+
+
+def wire_client(tmp_path: Path, url: str, **kwargs: Any) -> ApiClient:
+    config = api_config(tmp_path, url=url)
+    return ApiClient(config, TokenSource(config), RateLimiter(0), **kwargs)
+
+
+def test_a_request_leaves_in_one_write_and_the_connection_is_kept(tmp_path: Path, server: WireServer) -> None:
+    client = wire_client(tmp_path, server.url)
+    try:
+        for _ in range(2):
+            assert client.push("1466", "1499", wide_records(500), fence=Proof(60)).trans_id == "t"
+    finally:
+        client.close()
+    (received,) = server.connections  # one connection, kept alive for the second request
+    assert len(received) > 2 * 100_000
+    assert server.client_sends == [len(received) // 2] * 2  # headers and body: one write each time
+
+
+def test_a_request_whose_lease_proof_ran_out_sends_no_byte(tmp_path: Path, server: WireServer) -> None:
+    client = wire_client(tmp_path, server.url)
+    try:
+        # Proven until now: as if the daemon had been paused between the proof and the write.
+        with pytest.raises(RetryableError, match="not sent"):
+            client.push("1466", "1499", wide_records(5), fence=Proof(0))
+        server.wait_ended(1)
+        assert server.connections == [bytearray()] and server.client_sends == []  # the connection is closed unused
+        assert client.push("1466", "1499", wide_records(5), fence=Proof(60)).trans_id == "t"  # the next attempt goes out
+    finally:
+        client.close()
+    assert len(server.connections) == 2 and len(server.connections[1]) == server.client_sends[0]
+
+
+def test_over_tls_a_request_whose_lease_proof_ran_out_sends_nothing(tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make a certificate with")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    server = WireServer(tls=server_tls)
+    client = wire_client(tmp_path, server.url)
+    client._http = httpx.Client(
+        transport=OneWriteTransport(limits=httpx.Limits(), verify=ssl.create_default_context(cafile=str(cert)))
+    )
+    try:
+        with pytest.raises(RetryableError, match="not sent"):
+            client.push("1466", "1499", wide_records(5), fence=Proof(0))
+        server.wait_ended(1)
+        assert server.connections == [bytearray()]  # what it received, decrypted: nothing
+        for _ in range(2):
+            assert client.push("1466", "1499", wide_records(500), fence=Proof(60)).trans_id == "t"
+    finally:
+        client.close()
+        server.close()
+    assert len(server.connections) == 2  # the second connection kept alive for both requests

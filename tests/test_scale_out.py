@@ -248,10 +248,11 @@ class Fence:
         self.holds = holds
         self.checked: list[float] = []
 
-    def ensure(self, seconds: float) -> None:
+    def ensure(self, seconds: float) -> float:
         self.checked.append(seconds)
         if len(self.checked) > self.holds:
             raise LeaseLost("contacts")
+        return time.monotonic() + 60
 
     def check(self) -> None:
         pass
