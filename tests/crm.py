@@ -1,15 +1,22 @@
-"""A small CRM for the tests: a contacts table on any source, and a config that syncs it."""
+"""A small CRM for the tests: a contacts table on any source, a config that syncs it, and
+the plain helpers the tests share: the CLI in or out of process, what the API stored."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Iterable
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import psutil
 import sqlalchemy as sa
+
+from syncd.cli import main
+from syncd.config_text import render_config
 
 TOKEN = "test-token-5f1c9e"
 
@@ -181,6 +188,15 @@ def contact(i: int, **overrides: Any) -> dict[str, Any]:
     return row
 
 
+FIELDS: dict[str, Any] = {
+    "msisdn": {"column": "phone", "transform": "e164", "required": True},
+    "firstname": "first_name",
+    "lastname": "last_name",
+    "emailid": {"column": "email", "transform": "lower"},
+    "accountid": "account_id",
+}
+
+
 def write_config(
     path: Path,
     *,
@@ -192,64 +208,83 @@ def write_config(
     batch: int = 500,
     in_flight: int = 2,
     settle: str = "0s",
-    extra_api: str = "",
-    extra_sync: str = "",
-    fields: str | None = None,
+    api: Mapping[str, Any] | str = "",
+    sync: Mapping[str, Any] | str = "",
+    fields: Mapping[str, Any] | str | None = None,
     model: str | None = None,
     tables: str = "",
+    extra_api: str = "",
+    extra_sync: str = "",
 ) -> Path:
-    """A config with one sync; `model` replaces its `table = ...` line (e.g. a `query`),
-    `tables` follows `[syncs.fields]` (e.g. `[[syncs.changes]]`, `[syncs.removed]`)."""
+    """A config with one sync `contacts` of `table`, written with the package's `render_config`.
+
+    `api` and `sync` add or replace keys of `[api]` and the sync; `model` (e.g. a `query`)
+    replaces its `table` key; `tables` adds sub-tables (`[[syncs.changes]]`, `[syncs.removed]`).
+    Each may be given as TOML text (`extra_api` and `extra_sync` are the older names of `api`
+    and `sync`)."""
     if token_file is None:
         token_file = path.parent / "api-token"
         token_file.write_text(TOKEN + "\n")
-    fields = fields or """
-msisdn    = { column = "phone", transform = "e164", required = true }
-firstname = "first_name"
-lastname  = "last_name"
-emailid   = { column = "email", transform = "lower" }
-accountid = "account_id"
-"""
+    sync_table: dict[str, Any] = {
+        "name": "contacts",
+        "source": "crm",
+        **(_toml(model) if model else {"table": table}),
+        "key": "id",
+        "watermark": "updated_at",
+        "interval": "1s",
+        "settle": settle,
+        "datastore_id": "1466",
+        "feed_id": "1499",
+        **_toml(sync),
+        **_toml(extra_sync),
+        "fields": _toml(fields) if fields is not None else FIELDS,
+        **_toml(tables).get("syncs", {}),
+    }
     path.write_text(
-        f"""
-[state]
-url = "{state_url}"
-
-[log]
-level = "warning"
-
-[api]
-url = "{api_url}"
-token_file = "{token_file}"
-timeout_s = 5
-requests_per_second = 0
-max_in_flight = {in_flight}
-max_batch_records = {batch}
-backoff_base_s = 0.01
-backoff_max_s = 0.2
-{extra_api}
-
-[sources.crm]
-url = "{source_url}"
-
-[[syncs]]
-name = "contacts"
-source = "crm"
-{model or f'table = "{table}"'}
-key = "id"
-watermark = "updated_at"
-interval = "1s"
-settle = "{settle}"
-datastore_id = "1466"
-feed_id = "1499"
-{extra_sync}
-
-[syncs.fields]
-{fields}
-{tables}
-"""
+        render_config(
+            state={"url": state_url},
+            log={"level": "warning"},
+            api={
+                "url": api_url,
+                "token_file": str(token_file),
+                "timeout_s": 5,
+                "requests_per_second": 0,
+                "max_in_flight": in_flight,
+                "max_batch_records": batch,
+                "backoff_base_s": 0.01,
+                "backoff_max_s": 0.2,
+                **_toml(api),
+                **_toml(extra_api),
+            },
+            sources={"crm": {"url": source_url}},
+            syncs=[sync_table],
+        )
     )
     return path
+
+
+def _toml(values: Mapping[str, Any] | str) -> dict[str, Any]:
+    return tomllib.loads(values) if isinstance(values, str) else dict(values)
+
+
+def once(config: Path, *extra: str) -> int:
+    """`syncd once` on `config` in this process (its exit code)."""
+    return main(["once", "-c", str(config), "--no-progress", *extra])
+
+
+def syncd(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`syncd ARGS` in a subprocess, as an operator runs it."""
+    return subprocess.run([sys.executable, "-m", "syncd.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def stored(api: Any, key: str = "accountid", datastore_id: str = "1466") -> dict[str, dict[str, Any]]:
+    """The records the API holds, by the value of `key`."""
+    return {record[key]: record for record in api.records(datastore_id)}
+
+
+def pushed_records(api: Any) -> int:
+    """Records in the requests the API answered 200."""
+    return sum(entry["records"] for entry in api.requests() if entry["status"] == 200)
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 15, what: str = "condition", every: float = 0.02) -> Any:
