@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -23,7 +24,7 @@ import structlog
 from syncd.logs import THIRD_PARTY
 from syncd.simulator import RunningSimulator, SimulatorConfig, start_in_thread
 
-from .crm import TOKEN, Crm
+from .crm import TOKEN, Crm, RunningDaemon
 
 POSTGRES_URL = os.environ.get("SYNCD_TEST_POSTGRES", "postgresql+psycopg://root@127.0.0.1:5432/test")
 MYSQL_URL = os.environ.get("SYNCD_TEST_MYSQL", "mysql+pymysql://root:@127.0.0.1:3306/test")
@@ -115,10 +116,15 @@ def pg_crm(postgres_url: str) -> Iterator[Crm]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test asking for a service's database directly is marked as the parameters are."""
+    """A test reaching a service's database is marked as `source_url`'s parameters are: by
+    the fixture it asks for, or by a parameter naming the service (`service`, an indirect `crm`)."""
     for item in items:
+        wanted = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None:
+            wanted |= {f"{value}_url" for value in callspec.params.values() if isinstance(value, str)}
         for fixture, mark in _SERVICE_MARKS.items():
-            if fixture in getattr(item, "fixturenames", ()):
+            if fixture in wanted and item.get_closest_marker(mark) is None:
                 item.add_marker(mark)
 
 
@@ -146,6 +152,21 @@ def api(simulator: RunningSimulator, api_config: SimulatorConfig) -> RunningSimu
     """The API simulator with `api_config`'s settings, nothing stored and an empty log."""
     simulator.start_over(api_config)
     return simulator
+
+
+@pytest.fixture
+def daemons() -> Iterator[Callable[..., RunningDaemon]]:
+    """Starts `syncd run` daemons (`daemons(config)`); each is killed after the test if still running."""
+    started: list[RunningDaemon] = []
+
+    def start(config: Path, env: dict[str, str] | None = None) -> RunningDaemon:
+        daemon = RunningDaemon(config, env)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.close()
 
 
 @pytest.fixture(autouse=True)

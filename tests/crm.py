@@ -3,6 +3,8 @@ the plain helpers the tests share: the CLI in or out of process, what the API st
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import time
@@ -285,6 +287,58 @@ def stored(api: Any, key: str = "accountid", datastore_id: str = "1466") -> dict
 def pushed_records(api: Any) -> int:
     """Records in the requests the API answered 200."""
     return sum(entry["records"] for entry in api.requests() if entry["status"] == 200)
+
+
+class RunningDaemon:
+    """`syncd run -c CONFIG` in a subprocess, its output in files (a pipe could fill up)."""
+
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.stderr_path = config.parent / "daemon.stderr"
+        self.stdout_path = config.parent / "daemon.stdout"
+        self._stderr = self.stderr_path.open("wb")
+        self._stdout = self.stdout_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "syncd.cli", "run", "-c", str(config)],
+            stdout=self._stdout,
+            stderr=self._stderr,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+
+    def lines(self) -> list[str]:
+        text = self.stdout_path.read_text() + self.stderr_path.read_text()
+        return [line for line in text.splitlines() if line.strip()]
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        found = []
+        for line in self.lines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if name is None or event.get("event") == name:
+                found.append(event)
+        return found
+
+    def wait_event(self, name: str, timeout: float = 10, where: Callable[[dict], bool] = lambda e: True) -> dict:
+        def seen() -> dict | None:
+            assert self.proc.poll() is None, f"daemon exited ({self.proc.returncode}):\n" + "\n".join(self.lines()[-20:])
+            return next((e for e in self.events(name) if where(e)), None)
+
+        return wait_for(seen, timeout, f"log event {name!r}")
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait_exit(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self._stderr.close()
+        self._stdout.close()
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 15, what: str = "condition", every: float = 0.02) -> Any:

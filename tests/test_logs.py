@@ -14,7 +14,6 @@ import structlog
 
 from syncd.logs import configure_logging, get_logger, register_secret
 
-pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def lines(stream: io.StringIO) -> list[dict]:

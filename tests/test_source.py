@@ -13,8 +13,7 @@ from syncd.config import SourceConfig, SyncConfig
 from syncd.source import Source, SourceError
 from syncd.state import Cursor
 
-from .crm import Crm, contact, write_config
-from .test_pipeline import api, once, pushed_records, state_url, stored  # noqa: F401  (fixtures)
+from .crm import contact, Crm, once, pushed_records, stored, write_config
 
 
 def sync_config(table: str = "contacts", settle: str = "0s") -> SyncConfig:
@@ -38,7 +37,7 @@ def read_all(reader, cursor=None, batch=1000):
 
 
 @pytest.mark.parametrize("watermark", ["int", "timestamptz", "timestamp"])
-def test_every_watermark_kind_syncs_changes_once(source_url, watermark, api, state_url, tmp_path):  # noqa: F811
+def test_every_watermark_kind_syncs_changes_once(source_url, watermark, api, state_url, tmp_path):
     crm = Crm(source_url, watermark=watermark)
     crm.insert([contact(i) for i in range(1, 31)])
     config = write_config(tmp_path / "syncd.toml", source_url=source_url, api_url=api.url, state_url=state_url, batch=7)
@@ -69,7 +68,7 @@ def other_schema(url: str):
 
 
 @pytest.mark.parametrize("service", ["postgres", "mysql"])
-def test_schema_qualified_table(service, request, api, state_url, tmp_path):  # noqa: F811
+def test_schema_qualified_table(service, request, api, state_url, tmp_path):
     url = request.getfixturevalue(f"{service}_url")
     with other_schema(url) as schema:
         crm = Crm(url, schema=schema)
