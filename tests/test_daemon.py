@@ -399,14 +399,28 @@ def test_an_idle_daemon_says_how_its_syncs_stand_once_in_a_while(tmp_path, monke
 
 def test_reload_keeps_restart_only_settings(tmp_path):
     from syncd.config import load_config
+    from syncd.config_text import render_config
 
     def config(state: str, url: str, rate: int) -> Any:
         path = tmp_path / "c.toml"
         path.write_text(
-            f'[state]\nurl = "{state}"\n[api]\nurl = "{url}"\ntoken_file = "/t"\nrequests_per_second = {rate}\n'
-            '[sources.crm]\nurl = "sqlite://"\n'
-            '[[syncs]]\nname = "a"\nsource = "crm"\ntable = "t"\nkey = "id"\nwatermark = "w"\n'
-            'datastore_id = "1"\nfeed_id = "2"\n[syncs.fields]\nx = "y"\n'
+            render_config(
+                state={"url": state},
+                api={"url": url, "token_file": "/t", "requests_per_second": rate},
+                sources={"crm": {"url": "sqlite://"}},
+                syncs=[
+                    {
+                        "name": "a",
+                        "source": "crm",
+                        "table": "t",
+                        "key": "id",
+                        "watermark": "w",
+                        "datastore_id": "1",
+                        "feed_id": "2",
+                        "fields": {"x": "y"},
+                    }
+                ],
+            )
         )
         return load_config(path)
 
