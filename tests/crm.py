@@ -274,7 +274,7 @@ def once(config: Path, *extra: str) -> int:
     return main(["once", "-c", str(config), "--no-progress", *extra])
 
 
-def syncd(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def syncd(*args: str, cwd: Path | None = None, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     """`syncd ARGS` in a subprocess, as an operator runs it."""
     return subprocess.run([sys.executable, "-m", "syncd.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
