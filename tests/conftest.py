@@ -16,6 +16,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -24,7 +25,7 @@ import structlog
 from syncd.logs import THIRD_PARTY
 from syncd.simulator import RunningSimulator, SimulatorConfig, start_in_thread
 
-from .crm import TOKEN, Crm, RunningDaemon
+from .crm import TOKEN, Crm, RunningDaemon, write_config
 
 POSTGRES_URL = os.environ.get("SYNCD_TEST_POSTGRES", "postgresql+psycopg://root@127.0.0.1:5432/test")
 MYSQL_URL = os.environ.get("SYNCD_TEST_MYSQL", "mysql+pymysql://root:@127.0.0.1:3306/test")
@@ -132,6 +133,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def state_url(tmp_path) -> str:
     """A state database in the test's directory (created by the first command that needs it)."""
     return f"sqlite:///{tmp_path / 'state.db'}"
+
+
+@pytest.fixture
+def syncd_config(tmp_path: Path, api: RunningSimulator, state_url: str) -> Callable[..., Path]:
+    """`syncd_config(source_url, **options)`: tests/crm.py's one-sync config, syncing
+    `source_url` to `api` with `state_url`, written to the test's syncd.toml."""
+
+    def write(source_url: str, **options: Any) -> Path:
+        return write_config(tmp_path / "syncd.toml", source_url=source_url, api_url=api.url, state_url=state_url, **options)
+
+    return write
 
 
 @pytest.fixture(scope="session")

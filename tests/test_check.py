@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from syncd.cli import main
 
-from .crm import TOKEN, write_config
+from .crm import write_config
 
 
 def check(capfd: pytest.CaptureFixture[str], config: Path) -> tuple[int, list[str], str]:

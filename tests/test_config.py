@@ -16,6 +16,7 @@ from syncd.cli import main
 from syncd.config import ConfigError, load_config
 from syncd.config_text import render_config
 
+
 def base(directory: Path) -> str:
     """A valid config; each test edits its text into the mistake it is about."""
     return render_config(

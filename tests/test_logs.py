@@ -15,7 +15,6 @@ import structlog
 from syncd.logs import configure_logging, get_logger, register_secret
 
 
-
 def lines(stream: io.StringIO) -> list[dict]:
     return [orjson.loads(line) for line in stream.getvalue().splitlines()]
 

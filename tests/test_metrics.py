@@ -18,7 +18,7 @@ from syncd.runtime import Runtime
 from syncd.simulator import RunningSimulator
 from syncd.state import StateStore
 
-from .crm import TOKEN, Crm, contact, write_config
+from .crm import Crm, contact, write_config
 
 
 @pytest.fixture
