@@ -217,11 +217,13 @@ def write_config(
     tables: str = "",
     extra_api: str = "",
     extra_sync: str = "",
+    more_syncs: Iterable[Mapping[str, Any]] = (),
 ) -> Path:
     """A config with one sync `contacts` of `table`, written with the package's `render_config`.
 
     `api` and `sync` add or replace keys of `[api]` and the sync; `model` (e.g. a `query`)
-    replaces its `table` key; `tables` adds sub-tables (`[[syncs.changes]]`, `[syncs.removed]`).
+    replaces its `table` key; `tables` adds sub-tables (`[[syncs.changes]]`, `[syncs.removed]`);
+    `more_syncs` follow it as they are.
     Each may be given as TOML text (`extra_api` and `extra_sync` are the older names of `api`
     and `sync`)."""
     if token_file is None:
@@ -259,7 +261,7 @@ def write_config(
                 **_toml(extra_api),
             },
             sources={"crm": {"url": source_url}},
-            syncs=[sync_table],
+            syncs=[sync_table, *more_syncs],
         )
     )
     return path

@@ -205,20 +205,17 @@ def test_parse_listen_rejects(listen: str) -> None:
 
 # ---------------------------------------------------------------------------- wired into the cycle
 
-LEADS = """
-[[syncs]]
-name = "leads"
-source = "crm"
-table = "contacts"
-key = "id"
-watermark = "updated_at"
-cron = "0 3 * * *"
-datastore_id = "1467"
-feed_id = "1499"
-
-[syncs.fields]
-msisdn = { column = "phone", transform = "e164", required = true }
-"""
+LEADS = {
+    "name": "leads",
+    "source": "crm",
+    "table": "contacts",
+    "key": "id",
+    "watermark": "updated_at",
+    "cron": "0 3 * * *",
+    "datastore_id": "1467",
+    "feed_id": "1499",
+    "fields": {"msisdn": {"column": "phone", "transform": "e164", "required": True}},
+}
 
 
 @pytest.fixture
@@ -231,11 +228,13 @@ def crm(sqlite_url: str) -> Iterator[Crm]:
 @pytest.fixture
 def config(crm: Crm, api: RunningSimulator, tmp_path: Path) -> Path:
     """Two syncs: `contacts` every second, `leads` daily by cron (never run in these tests)."""
-    path = write_config(
-        tmp_path / "syncd.toml", source_url=crm.url, api_url=api.url, state_url=f"sqlite:///{tmp_path / 'state.db'}"
+    return write_config(
+        tmp_path / "syncd.toml",
+        source_url=crm.url,
+        api_url=api.url,
+        state_url=f"sqlite:///{tmp_path / 'state.db'}",
+        more_syncs=[LEADS],
     )
-    path.write_text(path.read_text() + LEADS)
-    return path
 
 
 def sample(runtime: Runtime, name: str, sync: str, **labels: str) -> float | None:
