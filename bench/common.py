@@ -18,6 +18,7 @@ import httpx
 import orjson
 
 from syncd.config import SyncConfig, load_config
+from syncd.config_text import render_config
 from syncd.mapping import Mapping, compile_mapping
 
 RESULT_PREFIX = "BENCH_RESULT "
@@ -25,13 +26,13 @@ DATASTORE_ID = "1466"
 FEED_ID = "1499"
 BATCH = 500
 
-FIELDS = """
-msisdn    = { column = "phone", transform = "e164", required = true }
-firstname = "first_name"
-lastname  = "last_name"
-emailid   = { column = "email", transform = "lower" }
-accountid = "account_id"
-"""
+FIELDS = {
+    "msisdn": {"column": "phone", "transform": "e164", "required": True},
+    "firstname": "first_name",
+    "lastname": "last_name",
+    "emailid": {"column": "email", "transform": "lower"},
+    "accountid": "account_id",
+}
 
 
 def write_config(
@@ -46,40 +47,35 @@ def write_config(
 ) -> Path:
     """The syncd config every contender reads: same source, endpoint, batch size, fields."""
     path.write_text(
-        f"""# written by bench/run.py
-[state]
-url = "{state_url}"
-
-[log]
-level = "info"
-format = "json"
-
-[api]
-url = "{api_url}"
-token_file = "{token_file}"
-timeout_s = 60
-requests_per_second = 0
-max_in_flight = {max_in_flight}
-max_batch_records = {BATCH}
-
-[sources.crm]
-url = "{source_url}"
-
-[[syncs]]
-name = "contacts"
-source = "crm"
-table = "{table}"
-key = "id"
-watermark = "updated_at"
-interval = "30s"
-settle = "0s"
-reconcile = "off"
-datastore_id = "{DATASTORE_ID}"
-feed_id = "{FEED_ID}"
-
-[syncs.fields]
-{FIELDS}
-"""
+        render_config(
+            comment="written by bench/run.py",
+            state={"url": state_url},
+            log={"level": "info", "format": "json"},
+            api={
+                "url": api_url,
+                "token_file": str(token_file),
+                "timeout_s": 60,
+                "requests_per_second": 0,
+                "max_in_flight": max_in_flight,
+                "max_batch_records": BATCH,
+            },
+            sources={"crm": {"url": source_url}},
+            syncs=[
+                {
+                    "name": "contacts",
+                    "source": "crm",
+                    "table": table,
+                    "key": "id",
+                    "watermark": "updated_at",
+                    "interval": "30s",
+                    "settle": "0s",
+                    "reconcile": "off",
+                    "datastore_id": DATASTORE_ID,
+                    "feed_id": FEED_ID,
+                    "fields": FIELDS,
+                }
+            ],
+        )
     )
     return path
 

@@ -54,6 +54,8 @@ from run import PYTHON, SYNCD, figures, machine, say, simulator
 from seed import TABLE as SINGLE_TABLE
 from seed import seed as seed_single_table
 
+from syncd.config_text import render_config
+
 HERE = Path(__file__).resolve().parent
 ACCOUNTS = 100_000
 
@@ -234,62 +236,65 @@ MODELS = {
 def model_config(path: Path, *, model: str, schema: str, source_url: str, api_url: str, token_file: Path, state: Path, max_in_flight: int) -> Path:
     """README's SuiteCRM config with the `model` query, two feeds and the bench's batch size."""
     path.write_text(
-        f"""# written by bench/crm.py
-[state]
-url = "sqlite:///{state}"
-
-[log]
-level = "info"
-format = "json"
-
-[api]
-url = "{api_url}"
-token_file = "{token_file}"
-timeout_s = 60
-requests_per_second = 0
-max_in_flight = {max_in_flight}
-max_batch_records = 500
-
-[sources.crm]
-url = "{source_url}"
-timezone = "UTC"
-
-[[syncs]]
-name = "contacts"
-source = "crm"
-query = \"\"\"
-{MODELS[model].format(schema=schema)}\"\"\"
-key = "id"
-watermark = "date_modified"
-filter = "deleted = 0"
-interval = "30s"
-settle = "0s"
-reconcile = "off"
-datastore_id = "1466"
-feed_id = "1499"
-
-[[syncs.changes]]
-table = "{schema}.email_addr_bean_rel"
-key = "bean_id"
-watermark = "date_modified"
-filter = "bean_module = 'Contacts'"
-
-[[syncs.changes]]
-query = \"\"\"
-SELECT r.bean_id, ea.date_modified
+        render_config(
+            comment="written by bench/crm.py",
+            state={"url": f"sqlite:///{state}"},
+            log={"level": "info", "format": "json"},
+            api={
+                "url": api_url,
+                "token_file": str(token_file),
+                "timeout_s": 60,
+                "requests_per_second": 0,
+                "max_in_flight": max_in_flight,
+                "max_batch_records": 500,
+            },
+            sources={"crm": {"url": source_url, "timezone": "UTC"}},
+            syncs=[
+                {
+                    "name": "contacts",
+                    "source": "crm",
+                    "query": MODELS[model].format(schema=schema),
+                    "key": "id",
+                    "watermark": "date_modified",
+                    "filter": "deleted = 0",
+                    "interval": "30s",
+                    "settle": "0s",
+                    "reconcile": "off",
+                    "datastore_id": "1466",
+                    "feed_id": "1499",
+                    "changes": [
+                        {
+                            "table": f"{schema}.email_addr_bean_rel",
+                            "key": "bean_id",
+                            "watermark": "date_modified",
+                            "filter": "bean_module = 'Contacts'",
+                        },
+                        {
+                            "query": f"""SELECT r.bean_id, ea.date_modified
   FROM {schema}.email_addresses ea
   JOIN {schema}.email_addr_bean_rel r ON r.email_address_id = ea.id AND r.bean_module = 'Contacts'
-\"\"\"
-key = "bean_id"
-watermark = "date_modified"
-
-[syncs.fields]
-msisdn    = {{ column = "phone_mobile", transform = "e164", region = "{{primary_address_country}}", default_region = "GB", mobile_only = true, required = true }}
-firstname = "first_name"
-lastname  = "last_name"
-emailid   = {{ column = "email_address", transform = "email" }}
-company   = "account_name"
-"""
+""",
+                            "key": "bean_id",
+                            "watermark": "date_modified",
+                        },
+                    ],
+                    "fields": {
+                        "msisdn": {
+                            "column": "phone_mobile",
+                            "transform": "e164",
+                            "region": "{primary_address_country}",
+                            "default_region": "GB",
+                            "mobile_only": True,
+                            "required": True,
+                        },
+                        "firstname": "first_name",
+                        "lastname": "last_name",
+                        "emailid": {"column": "email_address", "transform": "email"},
+                        "company": "account_name",
+                    },
+                }
+            ],
+        )
     )
     return path
 

@@ -38,6 +38,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from syncd.config_text import render_config
 from syncd.simulator import SimulatorConfig, start_in_thread
 
 TOKENS = ("bench-key-a", "bench-key-b")  # key#1 = daemon A, key#2 = daemon B
@@ -143,41 +144,35 @@ def write_config(directory: Path, url: sa.URL, api_url: str, token: str, args: a
     (directory / "api-token").write_text(token + "\n")
     dsn = url.render_as_string(hide_password=False)
     path = directory / "syncd.toml"
-    path.write_text(f"""
-[state]
-url = "{dsn}"
-lease = "{args.lease}s"
-
-[log]
-level = "info"
-
-[api]
-url = "{api_url}"
-token_file = "{directory / 'api-token'}"
-timeout_s = 1
-requests_per_second = 0
-max_in_flight = 2
-max_batch_records = 50
-
-[sources.crm]
-url = "{dsn}"
-
-[[syncs]]
-name = "contacts"
-source = "crm"
-table = "contacts"
-key = "id"
-watermark = "updated_at"
-interval = "{args.interval}s"
-settle = "0s"
-datastore_id = "1466"
-feed_id = "1499"
-
-[syncs.fields]
-msisdn = {{ column = "phone", transform = "e164", required = true }}
-firstname = "first_name"
-accountid = "account_id"
-""")
+    path.write_text(render_config(
+        state={"url": dsn, "lease": f"{args.lease}s"},
+        log={"level": "info"},
+        api={
+            "url": api_url,
+            "token_file": str(directory / "api-token"),
+            "timeout_s": 1,
+            "requests_per_second": 0,
+            "max_in_flight": 2,
+            "max_batch_records": 50,
+        },
+        sources={"crm": {"url": dsn}},
+        syncs=[{
+            "name": "contacts",
+            "source": "crm",
+            "table": "contacts",
+            "key": "id",
+            "watermark": "updated_at",
+            "interval": f"{args.interval}s",
+            "settle": "0s",
+            "datastore_id": "1466",
+            "feed_id": "1499",
+            "fields": {
+                "msisdn": {"column": "phone", "transform": "e164", "required": True},
+                "firstname": "first_name",
+                "accountid": "account_id",
+            },
+        }],
+    ))
     return path
 
 

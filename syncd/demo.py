@@ -20,13 +20,13 @@ import os
 import shutil
 import sys
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import sqlalchemy as sa
 
 from syncd.config import load_config
+from syncd.config_text import render_config
 from syncd.cycle import CycleReport
 from syncd.logs import configure_logging
 from syncd.runtime import Runtime
@@ -49,7 +49,8 @@ class DemoDirectoryError(Exception):
     """The directory given to the demo holds files the demo did not write."""
 
 
-def run_demo(rows: int = 200, directory: Path | None = None) -> int:
+def run_demo(rows: int = 200, directory: Path | None = None, cycle_every_s: float = 1.0) -> int:
+    """Run the demo; `cycle_every_s` paces the live sync (its config says "1s"; tests go faster)."""
     directory = Path(directory or "syncd-demo").resolve()
     _prepare(directory)
     configure_logging("warning", "console")
@@ -72,11 +73,21 @@ def run_demo(rows: int = 200, directory: Path | None = None) -> int:
 
             out("\n2. the sync keeps running (every second) while the CRM changes:")
             reports: list[CycleReport] = []
+            read = threading.Condition()  # notified after each cycle that read rows
             stop = threading.Event()
 
             def loop() -> None:
-                while not stop.wait(1.0):
-                    reports.append(runner.run_cycle())
+                while not stop.wait(cycle_every_s):
+                    report = runner.run_cycle()
+                    with read:
+                        reports.append(report)
+                        read.notify_all()
+
+            def wait_until_read(before: int) -> None:
+                """Each step waits for the sync to pick it up (settle first), so each change is
+                its own cycle and the broken number is dead-lettered before it is fixed."""
+                with read:
+                    read.wait_for(lambda: any(r.rows_read for r in reports[before:]), timeout=30)
 
             thread = threading.Thread(target=loop, name="demo-sync")
             thread.start()
@@ -89,6 +100,7 @@ def run_demo(rows: int = 200, directory: Path | None = None) -> int:
             )
             for text, change in steps:
                 out(text)
+                before = len(reports)
                 with engine.begin() as conn:
                     now = _now()
                     if change is None:
@@ -101,14 +113,15 @@ def run_demo(rows: int = 200, directory: Path | None = None) -> int:
                             ),
                             {"value": next(v for k, v in change.items() if k != "id"), "now": now, "id": change["id"]},
                         )
-                time.sleep(1.2)
+                wait_until_read(before)
             out("   - contact 6's phone number is fixed")
+            before = len(reports)
             with engine.begin() as conn:
                 conn.execute(
                     sa.text("UPDATE contacts SET phone = '+44 20 7946 0606', updated_at = :now WHERE id = 6"),
                     {"now": _now()},
                 )
-            time.sleep(2.5)
+            wait_until_read(before)
             stop.set()
             thread.join()
             engine.dispose()
@@ -213,40 +226,37 @@ def _create_crm(url: str, rows: int) -> None:
 def _write_config(directory: Path, crm_url: str, api_url: str) -> Path:
     path = directory / "syncd.toml"
     path.write_text(
-        f"""# Written by `syncd demo`; see config.example.toml for every option.
-[state]
-url = "sqlite:///{directory / 'state.db'}"
-
-[log]
-level = "warning"
-format = "console"
-
-[api]
-url = "{api_url}"
-token_file = "{directory / 'api-token'}"
-requests_per_second = 50
-max_batch_records = 50
-
-[sources.crm]
-url = "{crm_url}"
-
-[[syncs]]
-name = "contacts"
-source = "crm"
-table = "contacts"
-key = "id"
-watermark = "updated_at"
-interval = "1s"
-settle = "0.5s"
-datastore_id = "1466"
-feed_id = "1499"
-
-[syncs.fields]
-msisdn    = {{ column = "phone", transform = "e164", required = true }}
-firstname = "first_name"
-lastname  = "last_name"
-emailid   = {{ column = "email", transform = ["strip", "lower"] }}
-accountid = "account_id"
-"""
+        render_config(
+            comment="Written by `syncd demo`; see config.example.toml for every option.",
+            state={"url": f"sqlite:///{directory / 'state.db'}"},
+            log={"level": "warning", "format": "console"},
+            api={
+                "url": api_url,
+                "token_file": str(directory / "api-token"),
+                "requests_per_second": 50,
+                "max_batch_records": 50,
+            },
+            sources={"crm": {"url": crm_url}},
+            syncs=[
+                {
+                    "name": "contacts",
+                    "source": "crm",
+                    "table": "contacts",
+                    "key": "id",
+                    "watermark": "updated_at",
+                    "interval": "1s",
+                    "settle": "0.5s",
+                    "datastore_id": "1466",
+                    "feed_id": "1499",
+                    "fields": {
+                        "msisdn": {"column": "phone", "transform": "e164", "required": True},
+                        "firstname": "first_name",
+                        "lastname": "last_name",
+                        "emailid": {"column": "email", "transform": ["strip", "lower"]},
+                        "accountid": "account_id",
+                    },
+                }
+            ],
+        )
     )
     return path

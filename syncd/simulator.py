@@ -231,18 +231,23 @@ class _Simulator:
     """The simulator's state and request handling; lives on one event loop."""
 
     def __init__(self, config: SimulatorConfig) -> None:
+        self.buckets: dict[str, _TokenBucket] = {}
+        self.queue: collections.deque[dict[str, Any]] = collections.deque()
+        self.generation = 0
+        self.start_over(config)
+
+    # -- control ---------------------------------------------------------------
+
+    def start_over(self, config: SimulatorConfig) -> None:
+        """As if just started with `config`: its settings, keys (labelled from "key#1" again)
+        and random seed, and nothing stored (a test suite shares one simulator this way)."""
         self.config = config  # replaced as a whole by set_faults, which re-validates
         self.rng = random.Random(config.seed)
         self.key_labels: dict[str, str] = {}
         self.valid: frozenset[str] = frozenset()
         self.expired: frozenset[str] = frozenset()
         self.set_tokens(config.tokens, config.expired_tokens)
-        self.buckets: dict[str, _TokenBucket] = {}
-        self.queue: collections.deque[dict[str, Any]] = collections.deque()
-        self.generation = 0
         self.reset()
-
-    # -- control ---------------------------------------------------------------
 
     def reset(self) -> None:
         """Forget records, the log, the fault queue and the counters; keep settings."""
@@ -674,7 +679,12 @@ class RunningSimulator:
         self._call(self._sim.set_tokens, tuple(valid), tuple(expired))
 
     def reset(self) -> None:
+        """Forget records, the log, the fault queue and the counters; keep settings."""
         self._call(self._sim.reset)
+
+    def start_over(self, config: SimulatorConfig) -> None:
+        """Serve on as if just started with `config`: its settings and keys, nothing stored."""
+        self._call(self._sim.start_over, config)
 
     def wait_inserted(self, datastore_id: str, count: int, timeout: float = 10) -> None:
         """Block until the datastore has received ``count`` records (inserts are async)."""

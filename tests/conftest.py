@@ -1,8 +1,12 @@
-"""Shared fixtures: real source databases, each in a throwaway schema or database.
+"""Shared fixtures: real source databases, each in a throwaway schema or database; the API
+simulator, one for the session and started over for each test that uses it; a state
+database; and logging put back after every test. Helpers that are plain functions (the
+config, the CLI, what the API stored) are in tests/crm.py.
 
 A service that is not reachable skips its tests with the reason, unless
 SYNCD_REQUIRE_SERVICES=1 (set by .ci/run), which turns the skip into a failure so
-CI can never pass by skipping.
+CI can never pass by skipping. A test that needs PostgreSQL or MariaDB is marked
+`postgres` or `mysql`, so `-m "not mysql"` leaves it out.
 """
 
 from __future__ import annotations
@@ -10,15 +14,18 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 import structlog
 
 from syncd.logs import THIRD_PARTY
+from syncd.simulator import RunningSimulator, SimulatorConfig, start_in_thread
 
-from .crm import Crm
+from .crm import TOKEN, Crm, RunningDaemon, write_config
 
 POSTGRES_URL = os.environ.get("SYNCD_TEST_POSTGRES", "postgresql+psycopg://root@127.0.0.1:5432/test")
 MYSQL_URL = os.environ.get("SYNCD_TEST_MYSQL", "mysql+pymysql://root:@127.0.0.1:3306/test")
@@ -82,7 +89,12 @@ def sqlite_url(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'crm.db'}"
 
 
-@pytest.fixture(params=["sqlite", "postgres", "mysql"])
+_SERVICE_MARKS = {"postgres_url": "postgres", "mysql_url": "mysql"}
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres), pytest.param("mysql", marks=pytest.mark.mysql)]
+)
 def source_url(request) -> str:
     """Each real source database in turn."""
     return request.getfixturevalue(f"{request.param}_url")
@@ -104,10 +116,75 @@ def pg_crm(postgres_url: str) -> Iterator[Crm]:
     crm.dispose()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test reaching a service's database is marked as `source_url`'s parameters are: by
+    the fixture it asks for, or by a parameter naming the service (`service`, an indirect `crm`)."""
+    for item in items:
+        wanted = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None:
+            wanted |= {f"{value}_url" for value in callspec.params.values() if isinstance(value, str)}
+        for fixture, mark in _SERVICE_MARKS.items():
+            if fixture in wanted and item.get_closest_marker(mark) is None:
+                item.add_marker(mark)
+
+
 @pytest.fixture
+def state_url(tmp_path) -> str:
+    """A state database in the test's directory (created by the first command that needs it)."""
+    return f"sqlite:///{tmp_path / 'state.db'}"
+
+
+@pytest.fixture
+def syncd_config(tmp_path: Path, api: RunningSimulator, state_url: str) -> Callable[..., Path]:
+    """`syncd_config(source_url, **options)`: tests/crm.py's one-sync config, syncing
+    `source_url` to `api` with `state_url`, written to the test's syncd.toml."""
+
+    def write(source_url: str, **options: Any) -> Path:
+        return write_config(tmp_path / "syncd.toml", source_url=source_url, api_url=api.url, state_url=state_url, **options)
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def simulator() -> Iterator[RunningSimulator]:
+    """The session's one API simulator; tests take it through `api`, which starts it over."""
+    with start_in_thread(SimulatorConfig(tokens=(TOKEN,))) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+def api_config() -> SimulatorConfig:
+    """The simulator's settings for a test; a module overrides this fixture to change them."""
+    return SimulatorConfig(tokens=(TOKEN,), key_attribute="accountid")
+
+
+@pytest.fixture
+def api(simulator: RunningSimulator, api_config: SimulatorConfig) -> RunningSimulator:
+    """The API simulator with `api_config`'s settings, nothing stored and an empty log."""
+    simulator.start_over(api_config)
+    return simulator
+
+
+@pytest.fixture
+def daemons() -> Iterator[Callable[..., RunningDaemon]]:
+    """Starts `syncd run` daemons (`daemons(config)`); each is killed after the test if still running."""
+    started: list[RunningDaemon] = []
+
+    def start(config: Path, env: dict[str, str] | None = None) -> RunningDaemon:
+        daemon = RunningDaemon(config, env)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.close()
+
+
+@pytest.fixture(autouse=True)
 def restore_logging() -> Iterator[None]:
-    """`syncd` configures logging for the whole process: fresh contextvars for the test,
-    and logging put back as it was for the tests after it."""
+    """`syncd` configures logging for the whole process: every test starts with fresh
+    contextvars, and logging and structlog are put back as they were for the next one."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     library_levels = {name: logging.getLogger(name).level for name in THIRD_PARTY}

@@ -1,15 +1,24 @@
-"""A small CRM for the tests: a contacts table on any source, and a config that syncs it."""
+"""A small CRM for the tests: a contacts table on any source, a config that syncs it, and
+the plain helpers the tests share: the CLI in or out of process, what the API stored."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Iterable
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import psutil
 import sqlalchemy as sa
+
+from syncd.cli import main
+from syncd.config_text import render_config
 
 TOKEN = "test-token-5f1c9e"
 
@@ -181,6 +190,15 @@ def contact(i: int, **overrides: Any) -> dict[str, Any]:
     return row
 
 
+FIELDS: dict[str, Any] = {
+    "msisdn": {"column": "phone", "transform": "e164", "required": True},
+    "firstname": "first_name",
+    "lastname": "last_name",
+    "emailid": {"column": "email", "transform": "lower"},
+    "accountid": "account_id",
+}
+
+
 def write_config(
     path: Path,
     *,
@@ -192,64 +210,137 @@ def write_config(
     batch: int = 500,
     in_flight: int = 2,
     settle: str = "0s",
-    extra_api: str = "",
-    extra_sync: str = "",
-    fields: str | None = None,
+    api: Mapping[str, Any] | str = "",
+    sync: Mapping[str, Any] | str = "",
+    fields: Mapping[str, Any] | str | None = None,
     model: str | None = None,
     tables: str = "",
+    extra_api: str = "",
+    extra_sync: str = "",
+    more_syncs: Iterable[Mapping[str, Any]] = (),
 ) -> Path:
-    """A config with one sync; `model` replaces its `table = ...` line (e.g. a `query`),
-    `tables` follows `[syncs.fields]` (e.g. `[[syncs.changes]]`, `[syncs.removed]`)."""
+    """A config with one sync `contacts` of `table`, written with the package's `render_config`.
+
+    `api` and `sync` add or replace keys of `[api]` and the sync; `model` (e.g. a `query`)
+    replaces its `table` key; `tables` adds sub-tables (`[[syncs.changes]]`, `[syncs.removed]`);
+    `more_syncs` follow it as they are.
+    Each may be given as TOML text (`extra_api` and `extra_sync` are the older names of `api`
+    and `sync`)."""
     if token_file is None:
         token_file = path.parent / "api-token"
         token_file.write_text(TOKEN + "\n")
-    fields = fields or """
-msisdn    = { column = "phone", transform = "e164", required = true }
-firstname = "first_name"
-lastname  = "last_name"
-emailid   = { column = "email", transform = "lower" }
-accountid = "account_id"
-"""
+    sync_table: dict[str, Any] = {
+        "name": "contacts",
+        "source": "crm",
+        **(_toml(model) if model else {"table": table}),
+        "key": "id",
+        "watermark": "updated_at",
+        "interval": "1s",
+        "settle": settle,
+        "datastore_id": "1466",
+        "feed_id": "1499",
+        **_toml(sync),
+        **_toml(extra_sync),
+        "fields": _toml(fields) if fields is not None else FIELDS,
+        **_toml(tables).get("syncs", {}),
+    }
     path.write_text(
-        f"""
-[state]
-url = "{state_url}"
-
-[log]
-level = "warning"
-
-[api]
-url = "{api_url}"
-token_file = "{token_file}"
-timeout_s = 5
-requests_per_second = 0
-max_in_flight = {in_flight}
-max_batch_records = {batch}
-backoff_base_s = 0.01
-backoff_max_s = 0.2
-{extra_api}
-
-[sources.crm]
-url = "{source_url}"
-
-[[syncs]]
-name = "contacts"
-source = "crm"
-{model or f'table = "{table}"'}
-key = "id"
-watermark = "updated_at"
-interval = "1s"
-settle = "{settle}"
-datastore_id = "1466"
-feed_id = "1499"
-{extra_sync}
-
-[syncs.fields]
-{fields}
-{tables}
-"""
+        render_config(
+            state={"url": state_url},
+            log={"level": "warning"},
+            api={
+                "url": api_url,
+                "token_file": str(token_file),
+                "timeout_s": 5,
+                "requests_per_second": 0,
+                "max_in_flight": in_flight,
+                "max_batch_records": batch,
+                "backoff_base_s": 0.01,
+                "backoff_max_s": 0.2,
+                **_toml(api),
+                **_toml(extra_api),
+            },
+            sources={"crm": {"url": source_url}},
+            syncs=[sync_table, *more_syncs],
+        )
     )
     return path
+
+
+def _toml(values: Mapping[str, Any] | str) -> dict[str, Any]:
+    return tomllib.loads(values) if isinstance(values, str) else dict(values)
+
+
+def once(config: Path, *extra: str) -> int:
+    """`syncd once` on `config` in this process (its exit code)."""
+    return main(["once", "-c", str(config), "--no-progress", *extra])
+
+
+def syncd(*args: str, cwd: Path | None = None, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """`syncd ARGS` in a subprocess, as an operator runs it."""
+    return subprocess.run([sys.executable, "-m", "syncd.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def stored(api: Any, key: str = "accountid", datastore_id: str = "1466") -> dict[str, dict[str, Any]]:
+    """The records the API holds, by the value of `key`."""
+    return {record[key]: record for record in api.records(datastore_id)}
+
+
+def pushed_records(api: Any) -> int:
+    """Records in the requests the API answered 200."""
+    return sum(entry["records"] for entry in api.requests() if entry["status"] == 200)
+
+
+class RunningDaemon:
+    """`syncd run -c CONFIG` in a subprocess, its output in files (a pipe could fill up)."""
+
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.stderr_path = config.parent / "daemon.stderr"
+        self.stdout_path = config.parent / "daemon.stdout"
+        self._stderr = self.stderr_path.open("wb")
+        self._stdout = self.stdout_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "syncd.cli", "run", "-c", str(config)],
+            stdout=self._stdout,
+            stderr=self._stderr,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+
+    def lines(self) -> list[str]:
+        text = self.stdout_path.read_text() + self.stderr_path.read_text()
+        return [line for line in text.splitlines() if line.strip()]
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        found = []
+        for line in self.lines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if name is None or event.get("event") == name:
+                found.append(event)
+        return found
+
+    def wait_event(self, name: str, timeout: float = 10, where: Callable[[dict], bool] = lambda e: True) -> dict:
+        def seen() -> dict | None:
+            assert self.proc.poll() is None, f"daemon exited ({self.proc.returncode}):\n" + "\n".join(self.lines()[-20:])
+            return next((e for e in self.events(name) if where(e)), None)
+
+        return wait_for(seen, timeout, f"log event {name!r}")
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait_exit(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self._stderr.close()
+        self._stdout.close()
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 15, what: str = "condition", every: float = 0.02) -> Any:

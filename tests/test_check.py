@@ -9,16 +9,8 @@ import pytest
 import sqlalchemy as sa
 
 from syncd.cli import main
-from syncd.simulator import SimulatorConfig, start_in_thread
 
-from .crm import TOKEN, write_config
-
-
-@pytest.fixture(scope="module")
-def api():
-    """One simulator for the module: `check` probes the API and stores nothing there."""
-    with start_in_thread(SimulatorConfig(tokens=(TOKEN,))) as simulator:
-        yield simulator
+from .crm import write_config
 
 
 def check(capfd: pytest.CaptureFixture[str], config: Path) -> tuple[int, list[str], str]:

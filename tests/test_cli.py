@@ -12,21 +12,14 @@ import httpx
 
 from syncd.cli import main
 
-from .crm import TOKEN, Crm, contact, write_config
-from .test_pipeline import api, once, pushed_records, state_url, stored  # noqa: F401  (fixtures)
+from .crm import TOKEN, Crm, contact, once, pushed_records, syncd, write_config
 
 
-def syncd(*args: str, cwd=None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "syncd.cli", *args], capture_output=True, text=True, timeout=120, cwd=cwd
-    )
-
-
-def test_status_json_follows_the_contract(sqlite_url, api, state_url, tmp_path):  # noqa: F811
+def test_status_json_follows_the_contract(sqlite_url, tmp_path, syncd_config):
     crm = Crm(sqlite_url)
     crm.insert([contact(i) for i in range(1, 6)])
     crm.insert([contact(6, phone="not a phone")])
-    config = write_config(tmp_path / "syncd.toml", source_url=sqlite_url, api_url=api.url, state_url=state_url)
+    config = syncd_config(sqlite_url)
 
     missing = syncd("status", "-c", str(config), "--json")
     assert missing.returncode == 1 and missing.stdout == ""
@@ -72,11 +65,11 @@ def test_status_json_follows_the_contract(sqlite_url, api, state_url, tmp_path):
     crm.dispose()
 
 
-def test_reset_resends_from_the_start_or_from_a_value(sqlite_url, api, state_url, tmp_path):  # noqa: F811
+def test_reset_resends_from_the_start_or_from_a_value(sqlite_url, api, syncd_config):
     crm = Crm(sqlite_url, watermark="int")
     for i in range(1, 11):
         crm.insert([contact(i)])  # watermarks 1..10
-    config = write_config(tmp_path / "syncd.toml", source_url=sqlite_url, api_url=api.url, state_url=state_url)
+    config = syncd_config(sqlite_url)
     assert once(config) == 0
     assert pushed_records(api) == 10
 
@@ -94,9 +87,9 @@ def test_reset_resends_from_the_start_or_from_a_value(sqlite_url, api, state_url
     crm.dispose()
 
 
-def test_unknown_sync_and_bad_reset_value_exit_2(sqlite_url, api, state_url, tmp_path, capsys):  # noqa: F811
+def test_unknown_sync_and_bad_reset_value_exit_2(sqlite_url, capsys, syncd_config):
     Crm(sqlite_url).dispose()
-    config = write_config(tmp_path / "syncd.toml", source_url=sqlite_url, api_url=api.url, state_url=state_url)
+    config = syncd_config(sqlite_url)
     assert main(["reset", "-c", str(config), "--sync", "nope"]) == 2
     assert "no sync named 'nope'" in capsys.readouterr().err
     assert main(["reset", "-c", str(config), "--sync", "contacts", "--to", "yesterday"]) == 2
@@ -104,7 +97,7 @@ def test_unknown_sync_and_bad_reset_value_exit_2(sqlite_url, api, state_url, tmp
     assert main(["once", "-c", str(config), "--sync", "nope"]) == 2
 
 
-def test_migrate_creates_and_reports_the_schema(tmp_path, api):  # noqa: F811
+def test_migrate_creates_and_reports_the_schema(tmp_path, api):
     config = write_config(
         tmp_path / "syncd.toml", source_url=f"sqlite:///{tmp_path}/crm.db", api_url=api.url, state_url=f"sqlite:///{tmp_path}/s.db"
     )
@@ -135,12 +128,15 @@ def test_simulate_api_command_serves_the_endpoint(tmp_path):
         process.wait(10)
 
 
-def test_demo_runs_end_to_end(tmp_path):
-    result = syncd("demo", "--rows", "60", "--dir", str(tmp_path / "demo"))
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "contacts in the datastore        : 60 of 60" in result.stdout
-    assert "rows skipped as unchanged        : 4" in result.stdout
-    assert "(1 resolved by the fix)" in result.stdout
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    from syncd.demo import run_demo
+
+    # In process with a fast sync loop; `syncd demo` itself paces each step at the 1s interval.
+    assert run_demo(rows=60, directory=tmp_path / "demo", cycle_every_s=0.05) == 0
+    out = capsys.readouterr().out
+    assert "contacts in the datastore        : 60 of 60" in out
+    assert "rows skipped as unchanged        : 4" in out
+    assert "(1 resolved by the fix)" in out
 
 
 def test_no_command_or_unknown_flag_is_usage_error():
@@ -159,7 +155,7 @@ def test_no_command_or_unknown_flag_is_usage_error():
 # ---------------------------------------------------------------------------- status: the truth, exit codes
 
 
-def test_status_from_another_directory_names_the_db_it_looked_for_and_creates_none(sqlite_url, api, tmp_path):  # noqa: F811
+def test_status_from_another_directory_names_the_db_it_looked_for_and_creates_none(sqlite_url, api, tmp_path):
     Crm(sqlite_url).dispose()
     config = write_config(tmp_path / "syncd.toml", source_url=sqlite_url, api_url=api.url, state_url="unused")
     # The default state url: no [state] section at all.
@@ -178,9 +174,9 @@ def test_status_from_another_directory_names_the_db_it_looked_for_and_creates_no
     assert list(elsewhere.iterdir()) == []
 
 
-def test_status_of_a_db_never_migrated_is_exit_1(sqlite_url, api, state_url, tmp_path):  # noqa: F811
+def test_status_of_a_db_never_migrated_is_exit_1(sqlite_url, tmp_path, syncd_config):
     Crm(sqlite_url).dispose()
-    config = write_config(tmp_path / "syncd.toml", source_url=sqlite_url, api_url=api.url, state_url=state_url)
+    config = syncd_config(sqlite_url)
     (tmp_path / "state.db").touch()  # e.g. created by hand, or by an older status
     result = syncd("status", "-c", str(config))
     assert result.returncode == 1
@@ -188,10 +184,10 @@ def test_status_of_a_db_never_migrated_is_exit_1(sqlite_url, api, state_url, tmp
     assert "Traceback" not in result.stderr
 
 
-def test_status_exits_3_while_a_sync_fails_and_fits_80_columns(sqlite_url, api, state_url, tmp_path):  # noqa: F811
+def test_status_exits_3_while_a_sync_fails_and_fits_80_columns(sqlite_url, api, syncd_config):
     crm = Crm(sqlite_url)
     crm.insert([contact(i) for i in range(1, 4)])
-    config = write_config(tmp_path / "syncd.toml", source_url=sqlite_url, api_url=api.url, state_url=state_url)
+    config = syncd_config(sqlite_url)
     api.set_tokens(["another-key"])  # ours is revoked
     assert once(config) == 1
     result = syncd("status", "-c", str(config))
@@ -217,7 +213,7 @@ def test_version():
 # ---------------------------------------------------------------------------- pushes
 
 
-def test_pushes_lists_what_the_api_answered_newest_first(sqlite_url, api, state_url, tmp_path):  # noqa: F811
+def test_pushes_lists_what_the_api_answered_newest_first(sqlite_url, api, state_url, tmp_path):
     crm = Crm(sqlite_url)
     crm.insert([contact(i) for i in range(1, 5)])
     crm.insert([contact(5, phone="+44 20 7946 0005")])
@@ -254,10 +250,10 @@ def test_pushes_lists_what_the_api_answered_newest_first(sqlite_url, api, state_
 # ---------------------------------------------------------------------------- commands that destroy
 
 
-def test_discard_without_ids_refuses_and_with_ids_names_them(sqlite_url, api, state_url, tmp_path):  # noqa: F811
+def test_discard_without_ids_refuses_and_with_ids_names_them(sqlite_url, syncd_config):
     crm = Crm(sqlite_url)
     crm.insert([contact(1, phone="12"), contact(2, phone="34"), contact(3)])
-    config = write_config(tmp_path / "syncd.toml", source_url=sqlite_url, api_url=api.url, state_url=state_url)
+    config = syncd_config(sqlite_url)
     assert once(config) == 0
     letters = json.loads(syncd("dead-letters", "-c", str(config), "list", "--json").stdout)["dead_letters"]
     assert sorted(letter["key"] for letter in letters) == ["1", "2"]
@@ -276,12 +272,12 @@ def test_discard_without_ids_refuses_and_with_ids_names_them(sqlite_url, api, st
     crm.dispose()
 
 
-def test_reset_refuses_while_another_syncd_holds_the_sync(sqlite_url, api, state_url, tmp_path):  # noqa: F811
+def test_reset_refuses_while_another_syncd_holds_the_sync(sqlite_url, state_url, syncd_config):
     from syncd.state import StateStore
 
     crm = Crm(sqlite_url, watermark="int")
     crm.insert([contact(1)])
-    config = write_config(tmp_path / "syncd.toml", source_url=sqlite_url, api_url=api.url, state_url=state_url)
+    config = syncd_config(sqlite_url)
     assert once(config) == 0
     daemon = StateStore(state_url)  # another live process's lease: this test process is alive
     assert daemon.acquire_lease("contacts", timedelta(minutes=5))
@@ -325,10 +321,10 @@ def test_demo_reruns_remove_only_what_the_demo_wrote(tmp_path):
 # ---------------------------------------------------------------------------- secret files
 
 
-def test_a_missing_password_or_token_file_is_one_line_naming_the_key(sqlite_url, api, state_url, tmp_path):  # noqa: F811
+def test_a_missing_password_or_token_file_is_one_line_naming_the_key(sqlite_url, api, tmp_path, syncd_config):
     Crm(sqlite_url).dispose()
     missing = tmp_path / "credentials" / "crm-password"
-    config = write_config(tmp_path / "syncd.toml", source_url=sqlite_url, api_url=api.url, state_url=state_url)
+    config = syncd_config(sqlite_url)
     config.write_text(config.read_text().replace("[sources.crm]\n", f'[sources.crm]\npassword_file = "{missing}"\n'))
     assert syncd("migrate", "-c", str(config)).returncode == 0
     expected = f"sources.crm.password_file: {missing}: No such file or directory"
@@ -382,14 +378,12 @@ def run_in_terminal(args: list[str], columns: int) -> str:
     return output.decode()
 
 
-def test_progress_bar_fits_the_terminal_and_log_lines_print_above_it(sqlite_url, api, state_url, tmp_path):  # noqa: F811
+def test_progress_bar_fits_the_terminal_and_log_lines_print_above_it(sqlite_url, syncd_config):
     import re
 
     crm = Crm(sqlite_url)
     crm.insert([contact(i) for i in range(1, 3001)])
-    config = write_config(
-        tmp_path / "syncd.toml", source_url=sqlite_url, api_url=api.url, state_url=state_url, batch=100
-    )
+    config = syncd_config(sqlite_url, batch=100)
     config.write_text(config.read_text().replace('level = "warning"', 'level = "info"'))
 
     screen = run_in_terminal(["once", "-c", str(config)], columns=60)

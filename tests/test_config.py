@@ -14,38 +14,36 @@ import pytest
 
 from syncd.cli import main
 from syncd.config import ConfigError, load_config
+from syncd.config_text import render_config
 
-BASE = """\
-[state]
-url = "sqlite:///{dir}/state.db"
 
-[log]
-level = "warning"
-
-[api]
-url = "http://127.0.0.1:9/v1/datastores/contacts"
-token_file = "{dir}/api-token"
-timeout_s = 5
-max_in_flight = 2
-
-[sources.crm]
-url = "sqlite:///{dir}/crm.db"
-
-[[syncs]]
-name = "contacts"
-source = "crm"
-table = "contacts"
-key = "id"
-watermark = "updated_at"
-interval = "30s"
-settle = "2s"
-datastore_id = "1466"
-feed_id = "1499"
-
-[syncs.fields]
-msisdn    = {{ column = "phone", transform = "e164", required = true }}
-firstname = "first_name"
-"""
+def base(directory: Path) -> str:
+    """A valid config; each test edits its text into the mistake it is about."""
+    return render_config(
+        state={"url": f"sqlite:///{directory}/state.db"},
+        log={"level": "warning"},
+        api={
+            "url": "http://127.0.0.1:9/v1/datastores/contacts",
+            "token_file": f"{directory}/api-token",
+            "timeout_s": 5,
+            "max_in_flight": 2,
+        },
+        sources={"crm": {"url": f"sqlite:///{directory}/crm.db"}},
+        syncs=[
+            {
+                "name": "contacts",
+                "source": "crm",
+                "table": "contacts",
+                "key": "id",
+                "watermark": "updated_at",
+                "interval": "30s",
+                "settle": "2s",
+                "datastore_id": "1466",
+                "feed_id": "1499",
+                "fields": {"msisdn": {"column": "phone", "transform": "e164", "required": True}, "firstname": "first_name"},
+            }
+        ],
+    )
 
 
 @pytest.fixture
@@ -54,7 +52,7 @@ def write(tmp_path: Path) -> Callable[..., Path]:
 
     def write(edit: Callable[[str], str] = lambda text: text, name: str = "syncd.toml") -> Path:
         path = tmp_path / name
-        path.write_text(edit(BASE.format(dir=tmp_path)))
+        path.write_text(edit(base(tmp_path)))
         path.chmod(0o600)
         return path
 
@@ -298,3 +296,31 @@ def test_unreadable_config_permissions(write, capfd) -> None:
     path.chmod(0)
     code, _, err = run(capfd, "check", "-c", str(path))
     assert code == 2 and "Permission denied" in err
+
+
+def test_render_config_writes_back_exactly_the_values_it_is_given():
+    import tomllib
+
+    sync = {
+        "name": "contacts",
+        "query": "SELECT id\n  FROM contacts WHERE name <> 'x'\n",
+        "filter": 'note = "a\\b"\n',  # a quote, a backslash and a newline
+        "interval": "1s",
+        "fields": {"msisdn": {"column": "phone", "transform": ["strip", "e164"], "required": True}, "prénom": "first_name"},
+        "changes": [{"table": "rel", "key": "bean_id"}, {"table": "addr", "key": "id"}],
+        "removed": {"status": {"value": "gone"}},
+    }
+    text = render_config(
+        comment="two\nlines",
+        state={"url": "sqlite:///s.db", "lease": "3s"},
+        api={"url": "http://x/y", "timeout_s": 1.5, "max_attempts": 2},
+        sources={"crm": {"url": "sqlite://"}},
+        syncs=[sync],
+    )
+    assert text.startswith("# two\n# lines\n")
+    assert tomllib.loads(text) == {
+        "state": {"url": "sqlite:///s.db", "lease": "3s"},
+        "api": {"url": "http://x/y", "timeout_s": 1.5, "max_attempts": 2},
+        "sources": {"crm": {"url": "sqlite://"}},
+        "syncs": [sync],
+    }

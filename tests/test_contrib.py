@@ -140,14 +140,12 @@ def metric_names(expr: str) -> set[str]:
     return {word for word in words if word.startswith(OUR_PREFIXES) or word in FROM_PROMETHEUS}
 
 
-@pytest.mark.usefixtures("restore_logging")
 def test_every_metric_in_the_rules_is_exported(exported: set[str]) -> None:
     used = set().union(*(metric_names(rule.split("expr:", 1)[1]) for rule in alerts().values()))
     assert {"syncd_sync_state", "syncd_last_success_timestamp_seconds", "syncd_backlog_rows"} <= used
     assert used - FROM_PROMETHEUS - exported == set()
 
 
-@pytest.mark.usefixtures("restore_logging")
 def test_every_metric_on_the_dashboard_is_exported(exported: set[str]) -> None:
     used = set().union(*(metric_names(expr) for expr in dashboard_exprs()))
     assert {"syncd_push_duration_seconds_bucket", "process_resident_memory_bytes", "syncd_build_info"} <= used

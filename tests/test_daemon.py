@@ -9,15 +9,12 @@ from __future__ import annotations
 import importlib.metadata
 import io
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,72 +23,13 @@ import pytest
 
 from syncd.cycle import CycleReport
 from syncd.daemon import ProgressLog, _warn_if_drain_outlasts_stop, effective_config
-from syncd.simulator import SimulatorConfig, start_in_thread
 
-from .crm import TOKEN, Crm, contact, offload_children, wait_for, write_config
+from .crm import TOKEN, Crm, RunningDaemon, contact, offload_children, stored, syncd, wait_for, write_config
 
 WRONG_KEY = "wrong-key-0c4a7d"
 
 
 # ---------------------------------------------------------------------------- harness
-
-
-class RunningDaemon:
-    """`syncd run -c CONFIG` in a subprocess, its output in files (a pipe could fill up)."""
-
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
-        self.config = config
-        self.stderr_path = config.parent / "daemon.stderr"
-        self.stdout_path = config.parent / "daemon.stdout"
-        self._stderr = self.stderr_path.open("wb")
-        self._stdout = self.stdout_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "syncd.cli", "run", "-c", str(config)],
-            stdout=self._stdout,
-            stderr=self._stderr,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-        )
-
-    def lines(self) -> list[str]:
-        text = self.stdout_path.read_text() + self.stderr_path.read_text()
-        return [line for line in text.splitlines() if line.strip()]
-
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        found = []
-        for line in self.lines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if name is None or event.get("event") == name:
-                found.append(event)
-        return found
-
-    def wait_event(self, name: str, timeout: float = 10, where: Callable[[dict], bool] = lambda e: True) -> dict:
-        def seen() -> dict | None:
-            assert self.proc.poll() is None, f"daemon exited ({self.proc.returncode}):\n" + "\n".join(self.lines()[-20:])
-            return next((e for e in self.events(name) if where(e)), None)
-
-        return wait_for(seen, timeout, f"log event {name!r}")
-
-    def signal(self, signum: int) -> None:
-        self.proc.send_signal(signum)
-
-    def wait_exit(self, timeout: float) -> int:
-        return self.proc.wait(timeout=timeout)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self._stderr.close()
-        self._stdout.close()
-
-
-@pytest.fixture
-def api() -> Iterator[Any]:
-    with start_in_thread(SimulatorConfig(tokens=(TOKEN,), key_attribute="accountid")) as simulator:
-        yield simulator
 
 
 @pytest.fixture
@@ -101,20 +39,6 @@ def crm(request: pytest.FixtureRequest) -> Iterator[Crm]:
     crm = Crm(request.getfixturevalue(f"{database}_url"))
     yield crm
     crm.dispose()
-
-
-@pytest.fixture
-def daemons() -> Iterator[Callable[..., RunningDaemon]]:
-    started: list[RunningDaemon] = []
-
-    def start(config: Path, env: dict[str, str] | None = None) -> RunningDaemon:
-        daemon = RunningDaemon(config, env)
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.close()
 
 
 def daemon_config(
@@ -143,16 +67,6 @@ def daemon_config(
 def _rewrite(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
-
-
-def stored(api: Any) -> dict[str, dict]:
-    return {record["accountid"]: record for record in api.records("1466")}
-
-
-def syncd(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "syncd.cli", *args], capture_output=True, text=True, timeout=60
-    )
 
 
 def assert_clean_logs(daemon: RunningDaemon, *secrets: str) -> None:
@@ -434,7 +348,6 @@ def test_a_broken_config_exits_2_with_the_reason(tmp_path):
 # ---------------------------------------------------------------------------- units
 
 
-@pytest.mark.usefixtures("restore_logging")
 def test_drain_timeout_longer_than_the_units_stop_timeout_is_a_warning(tmp_path):
     from syncd.config import load_config
     from syncd.logs import configure_logging
@@ -460,7 +373,6 @@ def test_drain_timeout_longer_than_the_units_stop_timeout_is_a_warning(tmp_path)
     assert len(capture_log("drain_timeout_exceeds_stop_timeout")) == 1
 
 
-@pytest.mark.usefixtures("restore_logging")
 def test_an_idle_daemon_says_how_its_syncs_stand_once_in_a_while(tmp_path, monkeypatch):
     """Idle cycles log at debug; one info line per SUMMARY_EVERY_S still shows it is alive."""
     import syncd.daemon
@@ -484,14 +396,28 @@ def test_an_idle_daemon_says_how_its_syncs_stand_once_in_a_while(tmp_path, monke
 
 def test_reload_keeps_restart_only_settings(tmp_path):
     from syncd.config import load_config
+    from syncd.config_text import render_config
 
     def config(state: str, url: str, rate: int) -> Any:
         path = tmp_path / "c.toml"
         path.write_text(
-            f'[state]\nurl = "{state}"\n[api]\nurl = "{url}"\ntoken_file = "/t"\nrequests_per_second = {rate}\n'
-            '[sources.crm]\nurl = "sqlite://"\n'
-            '[[syncs]]\nname = "a"\nsource = "crm"\ntable = "t"\nkey = "id"\nwatermark = "w"\n'
-            'datastore_id = "1"\nfeed_id = "2"\n[syncs.fields]\nx = "y"\n'
+            render_config(
+                state={"url": state},
+                api={"url": url, "token_file": "/t", "requests_per_second": rate},
+                sources={"crm": {"url": "sqlite://"}},
+                syncs=[
+                    {
+                        "name": "a",
+                        "source": "crm",
+                        "table": "t",
+                        "key": "id",
+                        "watermark": "w",
+                        "datastore_id": "1",
+                        "feed_id": "2",
+                        "fields": {"x": "y"},
+                    }
+                ],
+            )
         )
         return load_config(path)
 

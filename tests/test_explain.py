@@ -7,9 +7,8 @@ import sqlite3
 
 from syncd.state import StateStore
 
-from .crm import contact, write_config
+from .crm import contact, once, write_config
 from .test_cli import syncd
-from .test_pipeline import api, once, state_url  # noqa: F401  (fixtures)
 
 
 def state_dump(path) -> list[str]:
@@ -17,7 +16,7 @@ def state_dump(path) -> list[str]:
         return list(conn.iterdump())
 
 
-def test_preview_before_anything_ran_sends_nothing_and_creates_no_state(crm, api, state_url, tmp_path):  # noqa: F811
+def test_preview_before_anything_ran_sends_nothing_and_creates_no_state(crm, api, state_url, tmp_path):
     crm.insert([contact(i) for i in range(1, 6)] + [contact(6, phone="12")])
     config = write_config(tmp_path / "syncd.toml", source_url=crm.url, api_url=api.url, state_url=state_url)
 
@@ -47,7 +46,7 @@ def test_preview_before_anything_ran_sends_nothing_and_creates_no_state(crm, api
     assert not (tmp_path / "state.db").exists()
 
 
-def test_preview_after_a_sync_tells_pending_from_unchanged(crm, api, state_url, tmp_path):  # noqa: F811
+def test_preview_after_a_sync_tells_pending_from_unchanged(crm, api, state_url, tmp_path):
     crm.insert([contact(i) for i in range(1, 6)])
     config = write_config(tmp_path / "syncd.toml", source_url=crm.url, api_url=api.url, state_url=state_url)
     assert once(config) == 0
@@ -70,7 +69,7 @@ def test_preview_after_a_sync_tells_pending_from_unchanged(crm, api, state_url, 
     assert len(api.requests()) == requests
 
 
-def test_inspect_tells_a_contacts_story(crm, api, state_url, tmp_path):  # noqa: F811
+def test_inspect_tells_a_contacts_story(crm, api, state_url, tmp_path):
     crm.insert([contact(1), contact(2, phone="12")])
     config = write_config(tmp_path / "syncd.toml", source_url=crm.url, api_url=api.url, state_url=state_url)
 

@@ -14,8 +14,6 @@ import structlog
 
 from syncd.logs import configure_logging, get_logger, register_secret
 
-pytestmark = pytest.mark.usefixtures("restore_logging")
-
 
 def lines(stream: io.StringIO) -> list[dict]:
     return [orjson.loads(line) for line in stream.getvalue().splitlines()]
@@ -201,31 +199,29 @@ def test_bad_settings_are_rejected() -> None:
 
 
 @pytest.mark.parametrize("source_url", ["sqlite"], indirect=True)
-def test_the_cycle_line_names_trans_ids_and_dead_letters_and_idle_cycles_stay_at_debug(crm, tmp_path) -> None:
+def test_the_cycle_line_names_trans_ids_and_dead_letters_and_idle_cycles_stay_at_debug(crm, api, tmp_path) -> None:
     from syncd.config import load_config
     from syncd.runtime import Runtime
-    from syncd.simulator import SimulatorConfig, start_in_thread
 
-    from .crm import TOKEN, contact, write_config
+    from .crm import contact, write_config
 
     crm.insert([contact(i) for i in range(1, 4)] + [contact(4, phone="12")])
-    with start_in_thread(SimulatorConfig(tokens=(TOKEN,), key_attribute="accountid")) as api:
-        path = write_config(
-            tmp_path / "syncd.toml",
-            source_url=crm.url,
-            api_url=api.url,
-            state_url=f"sqlite:///{tmp_path / 'state.db'}",
-            batch=2,
-        )
-        out = io.StringIO()
-        configure_logging("info", "json", out)
-        with Runtime.open(load_config(path)) as runtime:
-            runner = runtime.runners["contacts"]
-            runner.run_cycle()  # 3 rows sent in 2 pushes, 1 dead letter
-            runner.run_cycle()  # nothing changed: idle
-            configure_logging("debug", "json", out)
-            runner.run_cycle()
-        acked = [entry["trans_id"] for entry in api.requests() if entry["status"] == 200]
+    path = write_config(
+        tmp_path / "syncd.toml",
+        source_url=crm.url,
+        api_url=api.url,
+        state_url=f"sqlite:///{tmp_path / 'state.db'}",
+        batch=2,
+    )
+    out = io.StringIO()
+    configure_logging("info", "json", out)
+    with Runtime.open(load_config(path)) as runtime:
+        runner = runtime.runners["contacts"]
+        runner.run_cycle()  # 3 rows sent in 2 pushes, 1 dead letter
+        runner.run_cycle()  # nothing changed: idle
+        configure_logging("debug", "json", out)
+        runner.run_cycle()
+    acked = [entry["trans_id"] for entry in api.requests() if entry["status"] == 200]
 
     busy, idle = [line for line in lines(out) if line["event"] == "cycle"]
     assert busy["sent"] == 3 and busy["trans_ids"] == acked and len(acked) == 2

@@ -15,10 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from syncd.config import load_config
 from syncd.metrics import Metrics, MetricsServer, parse_listen, schedule_seconds
 from syncd.runtime import Runtime
-from syncd.simulator import RunningSimulator, SimulatorConfig, start_in_thread
+from syncd.simulator import RunningSimulator
 from syncd.state import StateStore
 
-from .crm import TOKEN, Crm, contact, write_config
+from .crm import Crm, contact, write_config
 
 
 @pytest.fixture
@@ -205,26 +205,17 @@ def test_parse_listen_rejects(listen: str) -> None:
 
 # ---------------------------------------------------------------------------- wired into the cycle
 
-LEADS = """
-[[syncs]]
-name = "leads"
-source = "crm"
-table = "contacts"
-key = "id"
-watermark = "updated_at"
-cron = "0 3 * * *"
-datastore_id = "1467"
-feed_id = "1499"
-
-[syncs.fields]
-msisdn = { column = "phone", transform = "e164", required = true }
-"""
-
-
-@pytest.fixture
-def api() -> Iterator[RunningSimulator]:
-    with start_in_thread(SimulatorConfig(tokens=(TOKEN,), key_attribute="accountid")) as simulator:
-        yield simulator
+LEADS = {
+    "name": "leads",
+    "source": "crm",
+    "table": "contacts",
+    "key": "id",
+    "watermark": "updated_at",
+    "cron": "0 3 * * *",
+    "datastore_id": "1467",
+    "feed_id": "1499",
+    "fields": {"msisdn": {"column": "phone", "transform": "e164", "required": True}},
+}
 
 
 @pytest.fixture
@@ -237,18 +228,19 @@ def crm(sqlite_url: str) -> Iterator[Crm]:
 @pytest.fixture
 def config(crm: Crm, api: RunningSimulator, tmp_path: Path) -> Path:
     """Two syncs: `contacts` every second, `leads` daily by cron (never run in these tests)."""
-    path = write_config(
-        tmp_path / "syncd.toml", source_url=crm.url, api_url=api.url, state_url=f"sqlite:///{tmp_path / 'state.db'}"
+    return write_config(
+        tmp_path / "syncd.toml",
+        source_url=crm.url,
+        api_url=api.url,
+        state_url=f"sqlite:///{tmp_path / 'state.db'}",
+        more_syncs=[LEADS],
     )
-    path.write_text(path.read_text() + LEADS)
-    return path
 
 
 def sample(runtime: Runtime, name: str, sync: str, **labels: str) -> float | None:
     return runtime.metrics.registry.get_sample_value(name, {"sync": sync, **labels})
 
 
-@pytest.mark.usefixtures("restore_logging")
 def test_every_sync_has_its_series_from_start_up_before_any_cycle(crm, config) -> None:
     crm.insert([contact(i) for i in range(1, 9)] + [contact(9, phone="not a phone"), contact(10, phone="")])
     with Runtime.open(load_config(config)) as runtime:
@@ -275,7 +267,6 @@ def test_every_sync_has_its_series_from_start_up_before_any_cycle(crm, config) -
         assert sample(restarted, "syncd_last_success_timestamp_seconds", "leads") is None
 
 
-@pytest.mark.usefixtures("restore_logging")
 def test_backlog_is_measured_while_the_api_is_down(crm, api, config) -> None:
     crm.insert([contact(i) for i in range(1, 31)])
     with Runtime.open(load_config(config)) as runtime:
@@ -299,7 +290,6 @@ def test_backlog_is_measured_while_the_api_is_down(crm, api, config) -> None:
         assert sample(runtime, "syncd_last_success_timestamp_seconds", "contacts") >= before
 
 
-@pytest.mark.usefixtures("restore_logging")
 def test_open_dead_letters_follow_the_source_rows(crm, config) -> None:
     crm.insert([contact(1), contact(2, phone="not a phone"), contact(3, phone="nor this")])
     with Runtime.open(load_config(config)) as runtime:
@@ -313,7 +303,6 @@ def test_open_dead_letters_follow_the_source_rows(crm, config) -> None:
         assert sample(runtime, "syncd_dead_letters_total", "contacts") == 2
 
 
-@pytest.mark.usefixtures("restore_logging")
 def test_a_sync_stopped_by_a_configuration_error_says_so(crm, api, config) -> None:
     crm.insert([contact(1)])
     api.queue_faults({"status": 405})
@@ -324,7 +313,6 @@ def test_a_sync_stopped_by_a_configuration_error_says_so(crm, api, config) -> No
         assert sample(runtime, "syncd_backlog_rows", "contacts") == 1
 
 
-@pytest.mark.usefixtures("restore_logging")
 def test_a_sync_run_by_another_syncd_shows_that_ones_progress(crm, config) -> None:
     crm.insert([contact(1), contact(2, phone="not a phone")])
     with Runtime.open(load_config(config)) as owner, Runtime.open(load_config(config)) as standby:

@@ -13,11 +13,10 @@ import pytest
 import sqlalchemy as sa
 
 from syncd.cli import main
-from syncd.simulator import SimulatorConfig, start_in_thread
+from syncd.simulator import SimulatorConfig
 from syncd.state import StateStore
 
-from .crm import TOKEN, Crm, contact, wait_for, write_config
-from .test_pipeline import once, pushed_records, state_url  # noqa: F401  (fixtures)
+from .crm import TOKEN, Crm, contact, once, pushed_records, stored, wait_for, write_config
 
 # One row per contact: the primary, not deleted, e-mail address (or none).
 QUERY = '''query = """
@@ -49,9 +48,8 @@ status = { value = "unsubscribed" }
 
 
 @pytest.fixture
-def api():
-    with start_in_thread(SimulatorConfig(tokens=(TOKEN,), key_attribute="msisdn")) as simulator:
-        yield simulator
+def api_config() -> SimulatorConfig:
+    return SimulatorConfig(tokens=(TOKEN,), key_attribute="msisdn")
 
 
 @pytest.fixture
@@ -65,10 +63,6 @@ def phone(i: int) -> str:
     return f"+4420{7946_0000 + i:08d}"
 
 
-def stored(api) -> dict[str, dict]:
-    return {record["msisdn"]: record for record in api.records("1466")}
-
-
 def status_json(config, capsys) -> dict:
     capsys.readouterr()
     main(["status", "-c", str(config), "--json"])
@@ -76,14 +70,14 @@ def status_json(config, capsys) -> dict:
     return row
 
 
-def config_for(crm: Crm, api_url: str, state_url: str, tmp_path, **kwargs):  # noqa: F811
+def config_for(crm: Crm, api_url: str, state_url: str, tmp_path, **kwargs):
     return write_config(tmp_path / "syncd.toml", source_url=crm.url, api_url=api_url, state_url=state_url, **kwargs)
 
 
 NOWHERE = "http://127.0.0.1:9/x"  # for commands that never call the API
 
 
-def test_a_query_model_joins_related_tables(suite, api, state_url, tmp_path):  # noqa: F811
+def test_a_query_model_joins_related_tables(suite, api, state_url, tmp_path):
     suite.insert([contact(i) for i in range(1, 6)])
     for i in range(1, 5):
         suite.link_email(i, f"Joined{i}@Example.com")
@@ -92,14 +86,14 @@ def test_a_query_model_joins_related_tables(suite, api, state_url, tmp_path):  #
     assert once(config) == 0
 
     api.wait_inserted("1466", 5)
-    records = stored(api)
+    records = stored(api, "msisdn")
     assert records[phone(2)]["emailid"] == "joined2@example.com"
     assert "emailid" not in records[phone(5)]  # no address: left out, never blanked
     assert pushed_records(api) == 5
     assert once(config) == 0 and pushed_records(api) == 5
 
 
-def test_editing_only_a_related_table_pushes_exactly_the_touched_contacts(suite, api, state_url, tmp_path):  # noqa: F811
+def test_editing_only_a_related_table_pushes_exactly_the_touched_contacts(suite, api, state_url, tmp_path):
     suite.insert([contact(i) for i in range(1, 11)])
     for i in range(1, 11):
         suite.link_email(i, f"before{i}@example.com")
@@ -114,7 +108,7 @@ def test_editing_only_a_related_table_pushes_exactly_the_touched_contacts(suite,
 
     assert pushed_records(api) == 12
     api.wait_inserted("1466", 10)
-    records = stored(api)
+    records = stored(api, "msisdn")
     assert records[phone(4)]["emailid"] == "after4@example.com"
     assert "emailid" not in records[phone(7)]
     assert once(config) == 0 and pushed_records(api) == 12  # the feeds' cursors moved on
@@ -124,7 +118,7 @@ def test_editing_only_a_related_table_pushes_exactly_the_touched_contacts(suite,
     assert state.removals("contacts") == {}  # key 99 was never sent: it did not leave anything
 
 
-def test_a_feed_cursor_stays_until_its_keys_are_acknowledged(suite, api, state_url, tmp_path):  # noqa: F811
+def test_a_feed_cursor_stays_until_its_keys_are_acknowledged(suite, api, state_url, tmp_path):
     suite.insert([contact(i) for i in range(1, 6)])
     for i in range(1, 6):
         suite.link_email(i, f"before{i}@example.com")
@@ -143,24 +137,24 @@ def test_a_feed_cursor_stays_until_its_keys_are_acknowledged(suite, api, state_u
     assert once(config) == 0  # the API is back: the change arrives
     assert pushed_records(api) == 6
     api.wait_inserted("1466", 5)
-    assert "emailid" not in stored(api)[phone(3)]
+    assert "emailid" not in stored(api, "msisdn")[phone(3)]
     assert state.feed_cursor("contacts", feed) != before
 
 
-def test_soft_deleted_rows_are_never_sent_and_sent_ones_are_removed(suite, api, state_url, tmp_path, capsys):  # noqa: F811
+def test_soft_deleted_rows_are_never_sent_and_sent_ones_are_removed(suite, api, state_url, tmp_path, capsys):
     suite.insert([contact(i) for i in range(1, 8)])
     suite.insert([contact(i, deleted=1) for i in range(8, 11)])  # deleted before syncd ever saw them
     config = config_for(suite, api.url, state_url, tmp_path, extra_sync='filter = "deleted = 0"', tables=REMOVED)
     assert once(config) == 0
     api.wait_inserted("1466", 7)
-    assert sorted(stored(api)) == sorted(phone(i) for i in range(1, 8))
+    assert sorted(stored(api, "msisdn")) == sorted(phone(i) for i in range(1, 8))
     assert status_json(config, capsys)["removed"] == 0
 
     suite.update([2], deleted=1)  # a soft delete bumps the watermark
     assert once(config) == 0
     assert pushed_records(api) == 8
     unsubscribed = {"msisdn": phone(2), "status": "unsubscribed"}
-    wait_for(lambda: stored(api).get(phone(2)) == unsubscribed, what="the removal record to land")
+    wait_for(lambda: stored(api, "msisdn").get(phone(2)) == unsubscribed, what="the removal record to land")
     state = StateStore(state_url)
     assert set(state.removals("contacts")) == {"2"}
     assert state.removals("contacts")["2"][1] == "filter"
@@ -181,10 +175,10 @@ def test_soft_deleted_rows_are_never_sent_and_sent_ones_are_removed(suite, api, 
     assert pushed_records(api) == 11
     assert {key: why for key, (_, why) in state.removals("contacts").items()} == {"5": "not in the model", "6": "filter"}
     assert status_json(config, capsys)["removed"] == 2
-    wait_for(lambda: stored(api).get(phone(5), {}).get("status") == "unsubscribed", what="the removal of 5 to land")
+    wait_for(lambda: stored(api, "msisdn").get(phone(5), {}).get("status") == "unsubscribed", what="the removal of 5 to land")
 
 
-def test_removals_without_a_removed_record_are_recorded_only(suite, api, state_url, tmp_path, capsys):  # noqa: F811
+def test_removals_without_a_removed_record_are_recorded_only(suite, api, state_url, tmp_path, capsys):
     suite.insert([contact(i) for i in range(1, 5)])
     config = config_for(suite, api.url, state_url, tmp_path, extra_sync='filter = "deleted = 0"')
     assert once(config) == 0
@@ -202,7 +196,7 @@ LEFT JOIN email_addresses ea ON ea.id = r.email_address_id
 """'''
 
 
-def test_a_duplicate_key_is_reported_and_never_pushed_back_and_forth(suite, api, state_url, tmp_path, capsys):  # noqa: F811
+def test_a_duplicate_key_is_reported_and_never_pushed_back_and_forth(suite, api, state_url, tmp_path, capsys):
     suite.insert([contact(i) for i in range(1, 6)])
     for i in range(1, 6):
         suite.link_email(i, f"first{i}@example.com")
@@ -218,7 +212,7 @@ def test_a_duplicate_key_is_reported_and_never_pushed_back_and_forth(suite, api,
     assert once(config) == 0
     assert pushed_records(api) == 4
     api.wait_inserted("1466", 4)
-    assert phone(3) not in stored(api)
+    assert phone(3) not in stored(api, "msisdn")
     (letter,) = StateStore(state_url).dead_letters("contacts")
     assert letter.key == "3" and "duplicate key in model" in letter.reason
 
@@ -244,7 +238,7 @@ def second_address(crm: Crm, contact_id: int) -> None:
         )
 
 
-def test_a_key_a_change_feed_finds_twice_is_reported_and_not_pushed(suite, api, state_url, tmp_path):  # noqa: F811
+def test_a_key_a_change_feed_finds_twice_is_reported_and_not_pushed(suite, api, state_url, tmp_path):
     """The feed's re-read of a key returns all of its rows: two rows, a dead letter, nothing sent."""
     suite.insert([contact(i) for i in range(1, 6)])
     for i in range(1, 6):
@@ -259,13 +253,13 @@ def test_a_key_a_change_feed_finds_twice_is_reported_and_not_pushed(suite, api, 
 
     assert pushed_records(api) == 6  # contact 4's new address, not contact 3
     api.wait_inserted("1466", 5)
-    assert stored(api)[phone(3)]["emailid"] == "first3@example.com"
+    assert stored(api, "msisdn")[phone(3)]["emailid"] == "first3@example.com"
     (letter,) = StateStore(state_url).dead_letters("contacts")
     assert letter.key == "3" and "duplicate key in model: 2 rows" in letter.reason
 
 
 def test_a_key_that_turns_duplicate_while_a_full_pass_reads_is_reported(
-    suite, api, state_url, tmp_path, monkeypatch  # noqa: F811
+    suite, api, state_url, tmp_path, monkeypatch
 ):
     """A full pass looks for duplicates once, before it reads; a second row committed after
     that look is still seen (both rows are in the read) and reported, and neither is sent."""
@@ -293,7 +287,7 @@ def test_a_key_that_turns_duplicate_while_a_full_pass_reads_is_reported(
     assert looked, "the full pass did not look for duplicate keys before reading"
     assert pushed_records(api) == 4
     api.wait_inserted("1466", 4)
-    assert phone(3) not in stored(api)
+    assert phone(3) not in stored(api, "msisdn")
     letters = StateStore(state_url).dead_letters("contacts")
     assert {letter.key for letter in letters} == {"3"}
     assert all("duplicate key in model: 2 rows" in letter.reason for letter in letters)
@@ -413,7 +407,7 @@ def test_reconcile_runs_daily_unless_configured_otherwise(tmp_path):
     assert load_config(config).syncs[0].reconcile == "daily"
 
 
-def test_a_failing_query_or_filter_fails_the_run_and_pushes_nothing(sqlite_url, api, state_url, tmp_path, capsys):  # noqa: F811
+def test_a_failing_query_or_filter_fails_the_run_and_pushes_nothing(sqlite_url, api, state_url, tmp_path, capsys):
     crm = Crm(sqlite_url, deleted=True)
     crm.insert([contact(i) for i in range(1, 4)])
     for model, extra in (

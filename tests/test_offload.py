@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -21,7 +20,7 @@ from syncd.config import load_config
 from syncd.cycle import CycleReport
 from syncd.offload import Offload
 from syncd.runtime import Runtime
-from syncd.simulator import RunningSimulator, SimulatorConfig, start_in_thread
+from syncd.simulator import RunningSimulator, SimulatorConfig
 from syncd.source import Source, SourceError
 from syncd.state import StateStore
 
@@ -33,10 +32,8 @@ DATASTORE = "1466"
 
 
 @pytest.fixture
-def api() -> Iterator[RunningSimulator]:
-    config = SimulatorConfig(tokens=(TOKEN,), key_attribute="accountid", latency_s=0.03)
-    with start_in_thread(config) as simulator:
-        yield simulator
+def api_config() -> SimulatorConfig:
+    return SimulatorConfig(tokens=(TOKEN,), key_attribute="accountid", latency_s=0.03)
 
 
 def config_for(crm: Crm, api: RunningSimulator, tmp_path: Path, *, offload_after: int = OFFLOAD_AFTER) -> Path:

@@ -4,41 +4,14 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pytest
-
-from syncd.cli import main
-from syncd.simulator import SimulatorConfig, start_in_thread
 from syncd.state import StateStore
 
-from .crm import TOKEN, contact, write_config
+from .crm import contact, once, pushed_records, stored
 
 
-@pytest.fixture
-def api():
-    with start_in_thread(SimulatorConfig(tokens=(TOKEN,), key_attribute="accountid")) as simulator:
-        yield simulator
-
-
-@pytest.fixture
-def state_url(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'state.db'}"
-
-
-def once(config, *extra: str) -> int:
-    return main(["once", "-c", str(config), "--no-progress", *extra])
-
-
-def stored(api) -> dict[str, dict]:
-    return {record["accountid"]: record for record in api.records("1466")}
-
-
-def pushed_records(api) -> int:
-    return sum(entry["records"] for entry in api.requests() if entry["status"] == 200)
-
-
-def test_backfill_delivers_every_row_mapped(crm, api, state_url, tmp_path):
+def test_backfill_delivers_every_row_mapped(crm, api, state_url, syncd_config):
     crm.insert([contact(i) for i in range(1, 51)])
-    config = write_config(tmp_path / "syncd.toml", source_url=crm.url, api_url=api.url, state_url=state_url)
+    config = syncd_config(crm.url)
 
     assert once(config) == 0
 
@@ -56,9 +29,9 @@ def test_backfill_delivers_every_row_mapped(crm, api, state_url, tmp_path):
     assert status.records_sent == 50 and status.state == "ok"
 
 
-def test_only_real_changes_are_sent(crm, api, state_url, tmp_path):
+def test_only_real_changes_are_sent(crm, api, syncd_config):
     crm.insert([contact(i) for i in range(1, 21)])
-    config = write_config(tmp_path / "syncd.toml", source_url=crm.url, api_url=api.url, state_url=state_url)
+    config = syncd_config(crm.url)
     assert once(config) == 0
     assert pushed_records(api) == 20
 
@@ -75,10 +48,10 @@ def test_only_real_changes_are_sent(crm, api, state_url, tmp_path):
     assert pushed_records(api) == 21
 
 
-def test_rows_sharing_one_watermark_across_batches_all_arrive(crm, api, state_url, tmp_path):
+def test_rows_sharing_one_watermark_across_batches_all_arrive(crm, api, syncd_config):
     same = crm.stamp(age=timedelta(seconds=5))
     crm.insert([contact(i) for i in range(1, 3001)], stamp=same)
-    config = write_config(tmp_path / "syncd.toml", source_url=crm.url, api_url=api.url, state_url=state_url, batch=7)
+    config = syncd_config(crm.url, batch=7)
 
     assert once(config) == 0
 
@@ -87,11 +60,9 @@ def test_rows_sharing_one_watermark_across_batches_all_arrive(crm, api, state_ur
     assert pushed_records(api) == 3000  # each exactly once
 
 
-def test_restarted_once_resumes_from_its_watermark(crm, api, state_url, tmp_path):
+def test_restarted_once_resumes_from_its_watermark(crm, api, state_url, syncd_config):
     crm.insert([contact(i) for i in range(1, 101)])
-    config = write_config(
-        tmp_path / "syncd.toml", source_url=crm.url, api_url=api.url, state_url=state_url, batch=10, in_flight=1, extra_api="max_attempts = 2"
-    )
+    config = syncd_config(crm.url, batch=10, in_flight=1, api={"max_attempts": 2})
     # The 4th batch gets a 500 on both attempts: the first three land, the run fails.
     passes = {"delay_s": 0}
     api.queue_faults(passes, passes, passes, {"status": 500}, {"status": 500})

@@ -21,7 +21,9 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from .crm import TOKEN, wait_for
+from syncd.config_text import render_config
+
+from .crm import TOKEN, stored, syncd, wait_for
 from .crms.common import CrmFixture
 from .crms.espocrm import EspoCrm
 from .crms.fixtures import datastore, espocrm, odoo, real_crm, suitecrm, vtiger  # noqa: F401  (fixtures)
@@ -183,39 +185,29 @@ PLAIN = {
 }
 
 
-def syncd(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "syncd.cli", *args], capture_output=True, text=True, timeout=180)
-
-
 def test_syncd_checks_a_plain_table_of_each_crm(real_crm: CrmFixture, datastore, tmp_path: Path):
     table, key, watermark, fields = PLAIN[real_crm.name]
     (tmp_path / "api-token").write_text(TOKEN + "\n")
     config = tmp_path / "syncd.toml"
     config.write_text(
-        f"""
-[state]
-url = "sqlite:///{tmp_path / 'state.db'}"
-
-[api]
-url = "{datastore.url}"
-token_file = "{tmp_path / 'api-token'}"
-
-[sources.crm]
-url = "{real_crm.url}"
-
-[[syncs]]
-name = "contacts"
-source = "crm"
-table = "{table}"
-key = "{key}"
-watermark = "{watermark}"
-interval = "30s"
-datastore_id = "1466"
-feed_id = "1499"
-
-[syncs.fields]
-{fields}
-"""
+        render_config(
+            state={"url": f"sqlite:///{tmp_path / 'state.db'}"},
+            api={"url": datastore.url, "token_file": str(tmp_path / "api-token")},
+            sources={"crm": {"url": real_crm.url}},
+            syncs=[
+                {
+                    "name": "contacts",
+                    "source": "crm",
+                    "table": table,
+                    "key": key,
+                    "watermark": watermark,
+                    "interval": "30s",
+                    "datastore_id": "1466",
+                    "feed_id": "1499",
+                    "fields": tomllib.loads(fields),
+                }
+            ],
+        )
     )
     result = syncd("check", "-c", str(config))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -314,10 +306,6 @@ def dead_letters(config: Path) -> list[dict]:
     return json.loads(result.stdout)["dead_letters"]
 
 
-def stored(datastore) -> dict[str, dict]:
-    return {record["msisdn"]: record for record in datastore.records("1466")}
-
-
 def records_pushed(datastore, since: int = 0) -> int:
     """Records in the acknowledged requests from the `since`-th request on."""
     return sum(entry["records"] for entry in datastore.requests()[since:] if entry["status"] == 200)
@@ -326,7 +314,7 @@ def records_pushed(datastore, since: int = 0) -> int:
 def arrived(crm: CrmFixture, datastore) -> dict[str, dict]:
     """Wait until every contact the fixture expects is in the datastore; what is there."""
     expected = {p.msisdn for p in crm.people if crm.expected(p)}
-    return wait_for(lambda: s if expected <= (s := stored(datastore)).keys() else None, what="the expected contacts")
+    return wait_for(lambda: s if expected <= (s := stored(datastore, "msisdn")).keys() else None, what="the expected contacts")
 
 
 def assert_record(crm: CrmFixture, person: Person, record: dict) -> None:
@@ -384,7 +372,7 @@ def arrived_without(crm: CrmFixture, datastore, case: str) -> dict[str, dict]:
     """Like `arrived`, for a config under which one special case is not expected."""
     skip = crm.people[SPECIAL.index(case)]
     expected = {p.msisdn for p in crm.people if crm.expected(p) and p is not skip}
-    return wait_for(lambda: s if expected <= (s := stored(datastore)).keys() else None, what="the expected contacts")
+    return wait_for(lambda: s if expected <= (s := stored(datastore, "msisdn")).keys() else None, what="the expected contacts")
 
 
 def change_email(crm: CrmFixture, person: Person, address: str) -> None:
@@ -414,8 +402,8 @@ def test_an_edit_in_a_related_table_arrives_in_the_next_once(real_crm: CrmFixtur
 
     assert once(config).returncode == 0
     wait_for(
-        lambda: stored(datastore)[first.msisdn].get("emailid") == "first.changed@example.com"
-        and stored(datastore)[second.msisdn].get("emailid") == "second.changed@example.com",
+        lambda: stored(datastore, "msisdn")[first.msisdn].get("emailid") == "first.changed@example.com"
+        and stored(datastore, "msisdn")[second.msisdn].get("emailid") == "second.changed@example.com",
         what="the changed addresses",
     )
     assert records_pushed(datastore, since=before) == 2  # exactly those two contacts
@@ -435,8 +423,8 @@ def test_a_contact_deleted_after_sending_is_removed_and_unsubscribed(real_crm: C
     assert once(config).returncode == 0
     assert status(config)["removed"] == len(leaving)
     for person in leaving:
-        wait_for(lambda p=person: stored(datastore)[p.msisdn].get("status") == "unsubscribed", what="the removed record")
-    assert all("status" not in stored(datastore)[p.msisdn] for p in sent[len(leaving) :])
+        wait_for(lambda p=person: stored(datastore, "msisdn")[p.msisdn].get("status") == "unsubscribed", what="the removed record")
+    assert all("status" not in stored(datastore, "msisdn")[p.msisdn] for p in sent[len(leaving) :])
 
 
 NAIVE_JOIN = """
@@ -496,8 +484,8 @@ def test_naive_utc_under_a_berlin_session_with_a_late_commit(odoo, datastore, tm
             cycles = cycles_run(port)
             wait_for(lambda: cycles_run(port) >= cycles + 2, what="two polls while the late transaction is open")
         wait_for(
-            lambda: stored(datastore)[late.msisdn].get("firstname") == "Late"
-            and stored(datastore)[early.msisdn].get("firstname") == "Early",
+            lambda: stored(datastore, "msisdn")[late.msisdn].get("firstname") == "Late"
+            and stored(datastore, "msisdn")[early.msisdn].get("firstname") == "Early",
             what="both changes",
         )
 
@@ -549,7 +537,7 @@ def test_same_second_updates_at_second_precision_with_no_settle(suitecrm, datast
         else:
             pytest.skip("could not write twice within one second on this machine")
         wait_for(
-            lambda: stored(datastore)[low.msisdn].get("firstname") == f"Low{attempt}"
-            and stored(datastore)[high.msisdn].get("firstname") == f"High{attempt}",
+            lambda: stored(datastore, "msisdn")[low.msisdn].get("firstname") == f"Low{attempt}"
+            and stored(datastore, "msisdn")[high.msisdn].get("firstname") == f"High{attempt}",
             what="both same-second updates",
         )

@@ -5,8 +5,7 @@ from __future__ import annotations
 from syncd.cli import main
 from syncd.state import StateStore
 
-from .crm import Crm, contact, write_config
-from .test_pipeline import api, once, pushed_records, state_url, stored  # noqa: F401  (fixtures)
+from .crm import Crm, contact, once, pushed_records, stored
 
 
 def reconcile(config, capsys) -> str:
@@ -14,10 +13,10 @@ def reconcile(config, capsys) -> str:
     return capsys.readouterr().out
 
 
-def test_reconcile_finds_silent_edits_and_sends_nothing_else(source_url, api, state_url, tmp_path, capsys):  # noqa: F811
+def test_reconcile_finds_silent_edits_and_sends_nothing_else(source_url, api, state_url, capsys, syncd_config):
     crm = Crm(source_url)
     crm.insert([contact(i) for i in range(1, 41)])
-    config = write_config(tmp_path / "syncd.toml", source_url=source_url, api_url=api.url, state_url=state_url, batch=7)
+    config = syncd_config(source_url, batch=7)
     assert once(config) == 0
     capsys.readouterr()
 
@@ -38,10 +37,10 @@ def test_reconcile_finds_silent_edits_and_sends_nothing_else(source_url, api, st
     crm.dispose()
 
 
-def test_a_changed_mapping_is_reconciled_in_full_once(sqlite_url, api, state_url, tmp_path, capsys):  # noqa: F811
+def test_a_changed_mapping_is_reconciled_in_full_once(sqlite_url, api, capsys, syncd_config):
     crm = Crm(sqlite_url)
     crm.insert([contact(i) for i in range(1, 21)])
-    config = write_config(tmp_path / "syncd.toml", source_url=sqlite_url, api_url=api.url, state_url=state_url)
+    config = syncd_config(sqlite_url)
     assert once(config) == 0
     capsys.readouterr()
 
@@ -57,13 +56,13 @@ def test_a_changed_mapping_is_reconciled_in_full_once(sqlite_url, api, state_url
     crm.dispose()
 
 
-def test_reconcile_maps_only_rows_whose_source_changed(source_url, api, state_url, tmp_path):  # noqa: F811
+def test_reconcile_maps_only_rows_whose_source_changed(source_url, syncd_config):
     from syncd.config import load_config
     from syncd.runtime import Runtime
 
     crm = Crm(source_url)
     crm.insert([contact(i) for i in range(1, 31)])
-    config = load_config(write_config(tmp_path / "syncd.toml", source_url=source_url, api_url=api.url, state_url=state_url))
+    config = load_config(syncd_config(source_url))
     with Runtime.open(config) as runtime:
         runner = runtime.runners["contacts"]
         assert runner.run_cycle().sent == 30
@@ -79,10 +78,10 @@ def test_reconcile_maps_only_rows_whose_source_changed(source_url, api, state_ur
     crm.dispose()
 
 
-def test_a_new_datastore_gets_every_row_from_reconcile(sqlite_url, api, state_url, tmp_path, capsys):  # noqa: F811
+def test_a_new_datastore_gets_every_row_from_reconcile(sqlite_url, api, capsys, syncd_config):
     crm = Crm(sqlite_url)
     crm.insert([contact(i) for i in range(1, 11)])
-    config = write_config(tmp_path / "syncd.toml", source_url=sqlite_url, api_url=api.url, state_url=state_url)
+    config = syncd_config(sqlite_url)
     assert once(config) == 0
     capsys.readouterr()
     config.write_text(config.read_text().replace('datastore_id = "1466"', 'datastore_id = "2001"'))

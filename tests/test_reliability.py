@@ -26,21 +26,16 @@ import sqlalchemy as sa
 from syncd.cli import main
 from syncd.config import load_config
 from syncd.runtime import Runtime
-from syncd.simulator import RunningSimulator, SimulatorConfig, start_in_thread
+from syncd.simulator import RunningSimulator, SimulatorConfig
 from syncd.state import StateStore
 
-from .crm import TOKEN, Crm, contact, wait_for, write_config
+from .crm import TOKEN, Crm, contact, stored, wait_for, write_config
 
 DATASTORE = "1466"
 
-pytestmark = pytest.mark.usefixtures("restore_logging")  # `syncd` configures logging for the process
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def stored(api: RunningSimulator) -> dict[str, dict[str, Any]]:
-    return {record["accountid"]: record for record in api.records(DATASTORE)}
 
 
 def acked_records(api: RunningSimulator) -> int:
@@ -87,10 +82,8 @@ class Cli:
 
 
 @pytest.fixture
-def api() -> Iterator[RunningSimulator]:
-    config = SimulatorConfig(tokens=(TOKEN,), key_attribute="accountid", seed=4)
-    with start_in_thread(config) as simulator:
-        yield simulator
+def api_config() -> SimulatorConfig:
+    return SimulatorConfig(tokens=(TOKEN,), key_attribute="accountid", seed=4)
 
 
 @pytest.fixture

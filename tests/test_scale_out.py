@@ -23,20 +23,16 @@ from syncd.simulator import SimulatorConfig, start_in_thread
 from syncd.state import LeaseLost, StateError, StateStore
 from syncd.status import StateUnavailable, collect_status
 
-from .crm import TOKEN, Crm, contact, wait_for, write_config
-from .test_daemon import daemons  # noqa: F401  (fixture)
+from .crm import TOKEN, Crm, contact, pushed_records, wait_for, write_config
 from .test_delivery import Api, deliverer, records, response
-from .test_pipeline import pushed_records
 
 OTHER_TOKEN = "test-token-second-7d2b"  # the second daemon's key: the simulator tells their requests apart
 LEASE = 'lease = "3s"'  # api.timeout_s = 1 below: 3 s > 1 s + the 1 s margin
 
 
 @pytest.fixture
-def api() -> Iterator[Any]:
-    config = SimulatorConfig(tokens=(TOKEN, OTHER_TOKEN), key_attribute="accountid")
-    with start_in_thread(config) as simulator:
-        yield simulator
+def api_config() -> SimulatorConfig:
+    return SimulatorConfig(tokens=(TOKEN, OTHER_TOKEN), key_attribute="accountid")
 
 
 @pytest.fixture
@@ -100,7 +96,7 @@ def test_a_sync_runs_on_one_daemon_and_moves_when_it_dies(crm, api, tmp_path):
 
 
 @pytest.mark.parametrize("seed", [1, 2])  # where the pause falls
-def test_an_owner_paused_past_its_lease_delivers_nothing_stale_when_it_resumes(crm, api, tmp_path, daemons, seed):  # noqa: F811
+def test_an_owner_paused_past_its_lease_delivers_nothing_stale_when_it_resumes(crm, api, tmp_path, daemons, seed):
     """SIGSTOP mid-backfill (a paused VM) at a random point, rows change, another daemon takes
     over and sends the new values; after SIGCONT the first must not post the old values it had
     read, was writing or was retrying: the API ends with the newest value of every row."""
@@ -167,7 +163,7 @@ def test_a_stalled_state_transaction_neither_blocks_a_takeover_nor_lives_on(post
         second.close()
 
 
-def test_three_daemons_started_at_once_on_an_empty_state_database_all_run(crm, api, tmp_path, daemons):  # noqa: F811
+def test_three_daemons_started_at_once_on_an_empty_state_database_all_run(crm, api, tmp_path, daemons):
     crm.insert([contact(i) for i in range(1, 31)], stamp=old(crm, 3))
     started = [daemons(scale_out_config(tmp_path / name, crm, api)) for name in "abc"]
     for daemon in started:
@@ -177,7 +173,7 @@ def test_three_daemons_started_at_once_on_an_empty_state_database_all_run(crm, a
     assert pushed_records(api) == 30  # one of them ran the sync, once
 
 
-def test_requests_per_second_holds_for_the_deployment(crm, api, tmp_path, daemons):  # noqa: F811
+def test_requests_per_second_holds_for_the_deployment(crm, api, tmp_path, daemons):
     """Two daemons, each running its own sync, share one ceiling, counted at the simulator."""
     crm.insert([contact(i) for i in range(1, 301)], stamp=old(crm, 3))
     rate = 'requests_per_second = 10\n'
@@ -197,7 +193,7 @@ def test_requests_per_second_holds_for_the_deployment(crm, api, tmp_path, daemon
     assert min(r["time"] for r in sent_by(api, "key#2")) < overlap  # the two really sent at once
 
 
-def test_status_shows_a_first_backfill_running_with_its_progress_and_owner(tmp_path, daemons):  # noqa: F811
+def test_status_shows_a_first_backfill_running_with_its_progress_and_owner(tmp_path, daemons):
     crm = Crm(f"sqlite:///{tmp_path / 'crm.db'}")
     crm.insert([contact(i) for i in range(1, 301)])
     with start_in_thread(SimulatorConfig(tokens=(TOKEN,), key_attribute="accountid", latency_s=0.1)) as api:

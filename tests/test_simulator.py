@@ -148,8 +148,9 @@ def test_missing_mandatory_field_rejects_the_whole_request(sim: RunningSimulator
     response = push(sim, records)
     assert response.status_code == 400
     assert response.json() == {"statuscode": 1002, "description": "Mandatory field missing: msisdn (record 3)"}
-    time.sleep(0.05)  # an insert, had one been scheduled, would have run by now
-    assert sim.received("1466") == 0 and sim.records("1466") == []
+    assert push(sim, contacts("+9")).status_code == 200
+    sim.wait_inserted("1466", 1)  # inserts run in order: one for the refused request would have run first
+    assert sim.received("1466") == 1 and [r["msisdn"] for r in sim.records("1466")] == ["+9"]
 
 
 def test_mandatory_attributes_are_configurable() -> None:
@@ -421,3 +422,20 @@ def test_history_endpoint() -> None:
         assert [r["msisdn"] for r in body["records"]] == ["+1", "+1"]
         assert client.get(f"{sim.base_url}/_sim/history").status_code == 400
         assert client.post(f"{sim.base_url}/_sim/faults", json={"stall_rate": 0.5, "stall_s": 2}).json()["stall_s"] == 2
+
+
+def test_start_over_serves_on_as_if_just_started_with_the_new_settings(sim: RunningSimulator) -> None:
+    sim.set_tokens(["old-key", TOKEN])
+    assert push(sim, contacts("+1"), token="old-key").status_code == 200
+    sim.set_faults(fail_rate=1.0)
+    sim.queue_faults({"status": 500})
+
+    url = sim.url
+    sim.start_over(SimulatorConfig(tokens=("new-key",), key_attribute="firstname"))
+
+    assert sim.url == url and sim.requests() == [] and sim.records("1466") == []
+    assert push(sim, contacts("+2"), token=TOKEN).status_code == 401  # the old keys are gone
+    assert push(sim, contacts("+3", "+4"), token="new-key").status_code == 200  # no fault left
+    sim.wait_inserted("1466", 2)
+    assert [e["key"] for e in sim.requests()][-1] == "key#1"  # labels start again
+    assert sim.records("1466") == [{"msisdn": "+4", "firstname": "John Smith"}]  # keyed by firstname now

@@ -13,8 +13,7 @@ from syncd.config import SourceConfig, SyncConfig
 from syncd.source import Source, SourceError
 from syncd.state import Cursor
 
-from .crm import Crm, contact, write_config
-from .test_pipeline import api, once, pushed_records, state_url, stored  # noqa: F401  (fixtures)
+from .crm import Crm, contact, once, pushed_records, stored
 
 
 def sync_config(table: str = "contacts", settle: str = "0s") -> SyncConfig:
@@ -38,10 +37,10 @@ def read_all(reader, cursor=None, batch=1000):
 
 
 @pytest.mark.parametrize("watermark", ["int", "timestamptz", "timestamp"])
-def test_every_watermark_kind_syncs_changes_once(source_url, watermark, api, state_url, tmp_path):  # noqa: F811
+def test_every_watermark_kind_syncs_changes_once(source_url, watermark, api, syncd_config):
     crm = Crm(source_url, watermark=watermark)
     crm.insert([contact(i) for i in range(1, 31)])
-    config = write_config(tmp_path / "syncd.toml", source_url=source_url, api_url=api.url, state_url=state_url, batch=7)
+    config = syncd_config(source_url, batch=7)
     assert once(config) == 0
     crm.update([2, 9], first_name="Renamed")
     assert once(config) == 0
@@ -69,14 +68,12 @@ def other_schema(url: str):
 
 
 @pytest.mark.parametrize("service", ["postgres", "mysql"])
-def test_schema_qualified_table(service, request, api, state_url, tmp_path):  # noqa: F811
+def test_schema_qualified_table(service, request, api, syncd_config):
     url = request.getfixturevalue(f"{service}_url")
     with other_schema(url) as schema:
         crm = Crm(url, schema=schema)
         crm.insert([contact(i) for i in range(1, 11)])
-        config = write_config(
-            tmp_path / "syncd.toml", source_url=url, api_url=api.url, state_url=state_url, table=f"{schema}.contacts"
-        )
+        config = syncd_config(url, table=f"{schema}.contacts")
         assert once(config) == 0
         api.wait_inserted("1466", 10)
         assert len(stored(api)) == 10

@@ -40,6 +40,8 @@ from typing import Any
 import psutil
 import pytest
 
+from syncd.config_text import render_config
+
 from .crm import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,33 +51,29 @@ TOKEN = "boot-test-token"
 PORT = 8080
 WATCHDOG_S = 3
 
-CONFIG = f"""\
-[log]
-format = "json"
-
-[api]
-url = "http://127.0.0.1:{PORT}/v1/datastores/contacts"
-token_file = "/run/credentials/syncd.service/api-token"
-max_attempts = 20
-
-[sources.crm]
-url = "sqlite:////etc/syncd/crm.db"
-
-[[syncs]]
-name = "contacts"
-source = "crm"
-table = "contacts"
-key = "id"
-watermark = "updated_at"
-interval = "1s"
-settle = "0s"
-datastore_id = "1466"
-feed_id = "1499"
-
-[syncs.fields]
-msisdn    = {{ column = "phone", transform = "e164", required = true }}
-firstname = "first_name"
-"""
+CONFIG = render_config(
+    log={"format": "json"},
+    api={
+        "url": f"http://127.0.0.1:{PORT}/v1/datastores/contacts",
+        "token_file": "/run/credentials/syncd.service/api-token",
+        "max_attempts": 20,
+    },
+    sources={"crm": {"url": "sqlite:////etc/syncd/crm.db"}},
+    syncs=[
+        {
+            "name": "contacts",
+            "source": "crm",
+            "table": "contacts",
+            "key": "id",
+            "watermark": "updated_at",
+            "interval": "1s",
+            "settle": "0s",
+            "datastore_id": "1466",
+            "feed_id": "1499",
+            "fields": {"msisdn": {"column": "phone", "transform": "e164", "required": True}, "firstname": "first_name"},
+        }
+    ],
+)
 
 
 def unavailable(reason: str) -> None:

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,8 @@ from typing import Any
 
 import httpx
 import sqlalchemy as sa
+
+from syncd.config_text import render_config
 
 from .checker import FIELDS, KEY, Verdict, judge
 from .plan import LEASE_S, Fault, Plan
@@ -79,43 +82,37 @@ def write_config(
     # api.timeout_s well below the lease: a request stalled after the accept times out
     # and is retried while the lease still holds.
     path.write_text(
-        f"""
-[state]
-url = "{state_url}"
-lease = "{LEASE_S:g}s"
-
-[log]
-level = "info"
-
-[api]
-url = "{api_url}"
-token_file = "{token_file}"
-timeout_s = 1
-requests_per_second = 0
-max_in_flight = 2
-max_batch_records = {batch}
-backoff_base_s = 0.05
-backoff_max_s = 0.5
-
-[sources.crm]
-url = "{source_url}"
-
-[[syncs]]
-name = "contacts"
-source = "crm"
-table = "contacts"
-key = "id"
-watermark = "updated_at"
-interval = "{interval_ms}ms"
-settle = "{settle_ms}ms"
-reconcile = "off"
-datastore_id = "{DATASTORE}"
-feed_id = "1499"
-{'filter = "deleted = 0"' if soft_deletes else ""}
-
-[syncs.fields]
-{FIELDS}
-"""
+        render_config(
+            state={"url": state_url, "lease": f"{LEASE_S:g}s"},
+            log={"level": "info"},
+            api={
+                "url": api_url,
+                "token_file": str(token_file),
+                "timeout_s": 1,
+                "requests_per_second": 0,
+                "max_in_flight": 2,
+                "max_batch_records": batch,
+                "backoff_base_s": 0.05,
+                "backoff_max_s": 0.5,
+            },
+            sources={"crm": {"url": source_url}},
+            syncs=[
+                {
+                    "name": "contacts",
+                    "source": "crm",
+                    "table": "contacts",
+                    "key": "id",
+                    "watermark": "updated_at",
+                    "interval": f"{interval_ms}ms",
+                    "settle": f"{settle_ms}ms",
+                    "reconcile": "off",
+                    "datastore_id": DATASTORE,
+                    "feed_id": "1499",
+                    "filter": "deleted = 0" if soft_deletes else None,
+                    "fields": tomllib.loads(FIELDS),
+                }
+            ],
+        )
     )
     return path
 
