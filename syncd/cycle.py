@@ -1,15 +1,19 @@
-"""One sync cycle: read → map → drop unchanged → batch → push → commit.
+"""One sync cycle: read → map → drop unchanged → batch → push → commit; the policy.
 
-This module wires source, mapping, delivery and state together and owns the ordering
-rules between them (DESIGN.md §2, §3, §6):
-- a batch's watermark, digests and push rows are committed in one state transaction,
-  only after the API acknowledged it, and batches commit in read order, so the watermark
-  never passes a batch that is still pending;
-- up to `max_in_flight` batches are on the wire while the next is read and mapped; within
-  one cycle a key appears once, and cycles of one sync never overlap, so two versions of
-  one key are never in flight together;
+This module decides what a cycle reads, what it sends, what each answer commits and
+what it means for the sync (DESIGN.md §2, §3, §5, §6); `pipeline.py` moves the batches
+(in flight, answered in read order, committed on a thread) and `delivery.py` turns HTTP
+answers into outcomes. Its collaborators are the protocols below (`ModelReader`,
+`CycleState`, `PushClient`), so every rule can be tested over in-memory fakes.
+- a batch's watermark, digests and push rows are one `BatchOutcome`, committed after the
+  API acknowledged it; the watermark moves to the last batch before the first failure;
+- a row whose mapped payload equals the last acknowledged one is not sent;
+- within one cycle a key appears once, and cycles of one sync never overlap, so two
+  versions of one key are never in flight together;
 - a row that fails local validation, or that the API rejects on its own, becomes a dead
-  letter and the feed moves on;
+  letter and the feed moves on; a key whose current payload lands resolves its dead letter;
+- a refused key (`AuthError`) pauses pushing until the token file changes or a backoff
+  runs out; a configuration error (405) stops the sync until a reload;
 - a key the model holds twice is a dead letter, and neither row is sent;
 - a key that was acknowledged and has left the model (its row fails the filter, or is
   gone) is recorded as removed, and its `[syncs.removed]` record pushed if there is one;
@@ -38,7 +42,7 @@ from syncd.delivery import Ack, AuthError, ConfigurationError, Deliverer, Delive
 from syncd.mapping import MappedRows, Mapping, compile_mapping, digest_target, map_rows
 from syncd.metrics import Metrics
 from syncd.offload import Offload
-from syncd.pipeline import Answer, BatchOutcome, CycleLease, Pipeline
+from syncd.pipeline import Answer, BatchOutcome, CycleLease, Pipeline, handing_over
 from syncd.source import Bound, SchemaProblem, SourceError, prefetched
 from syncd.state import (
     Cursor,
@@ -416,38 +420,22 @@ class SyncRunner:
         if cursor is None and self._duplicates_possible is not False:
             # The whole model is read: one aggregate over it instead of a lookup per batch.
             self._duplicates = self.reader.duplicate_keys()
-        offload: Offload | None = None
-        handed_over = False
-        read = 0
-        size = self.api.max_batch_records
-        in_process = self.reader.changed_rows(cursor, size, on_bound, membership=True)
-        try:
-            for rows in in_process:
-                batch = self._prepare(rows, cursor=self.reader.position(rows[-1]))
-                yield batch
-                if read == 0 and len(rows) == size:  # a full first batch: is this a big cycle?
-                    offload = self._start_offload(batch.cursor)
-                read += len(rows)
-                if offload is not None:
-                    try:
-                        handed_over = offload.ready()
-                    except SourceError as error:  # not needed to go on: read on here
-                        log.warning("offload_failed", reason=str(error), action="the cycle goes on in one process")
-                        offload.close()
-                        offload = None
-                if handed_over:
-                    cursor = batch.cursor
-                    break
-        finally:
-            in_process.close()  # ends its read transaction before the child starts its own
-            if offload is not None and not handed_over:
-                offload.close()
-        if offload is not None and handed_over:
+
+        def prepare(rows: Sequence[Sequence[Any]]) -> _Batch:
+            return self._prepare(rows, cursor=self.reader.position(rows[-1]))
+
+        def rest(offload: Offload, last: _Batch, read: int) -> Iterator[_Batch]:
             report.offloaded_after = read
             with offload:
-                results = offload.batches(cursor, bounds[0])
+                results = offload.batches(last.cursor, bounds[0])
                 for position, rows_read, mapped, outside in prefetched(results, depth=OFFLOAD_AHEAD):
                     yield self._select(mapped, rows=rows_read, cursor=position, outside=outside)
+
+        size = self.api.max_batch_records
+        in_process = self.reader.changed_rows(cursor, size, on_bound, membership=True)
+        yield from handing_over(
+            in_process, prepare, full=size, start=lambda batch: self._start_offload(batch.cursor), rest=rest
+        )
         if self._duplicates is not None:
             yield self._new_duplicates()
         if self.reader.feeds:

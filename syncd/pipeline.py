@@ -9,7 +9,9 @@ the batches carry:
   failure on, no position may be committed and no new batch is sent);
 - what the policy makes of them (a `BatchOutcome`) is committed on a thread of its own,
   in that order, with the lease as fence;
-- a lost lease drops what was read under it: queued batches never start.
+- a lost lease drops what was read under it: queued batches never start;
+- a big cycle's reading moves to a child process (`offload.py`) once it is ready, the
+  in-process read closed first, in the same order (`handing_over`).
 """
 
 from __future__ import annotations
@@ -19,15 +21,20 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import Any, Generic, Protocol, TypeVar
 
+import structlog
+
 from syncd.delivery import DeliveryResult, Fence
+from syncd.source import SourceError
 from syncd.state import Cursor, DeadLetter, PushRecord
 
-__all__ = ["Answer", "BatchOutcome", "Committer", "CycleLease", "Outgoing", "Pipeline"]
+log = structlog.get_logger(__name__)
+
+__all__ = ["Answer", "BatchOutcome", "Committer", "CycleLease", "Handover", "Outgoing", "Pipeline", "handing_over"]
 
 
 class CycleLease(Fence, Protocol):
@@ -310,3 +317,60 @@ class Committer:
                     self._error = error
             for _ in range(taken):
                 self._queue.task_done()
+
+
+class Handover(Protocol):
+    """A child process taking over the rest of a cycle's reading (`offload.Offload`)."""
+
+    def ready(self) -> bool: ...  # started and connected; raises SourceError when it cannot be
+    def close(self) -> None: ...
+
+
+H = TypeVar("H", bound=Handover)
+
+
+def handing_over(
+    reads: Iterator[Sequence[Any]],
+    prepare: Callable[[Sequence[Any]], B],
+    *,
+    full: int,
+    start: Callable[[B], H | None],
+    rest: Callable[[H, B, int], Iterator[B]],
+) -> Iterator[B]:
+    """`prepare` each read, and hand the rest of the cycle to a child process once it is ready.
+
+    `start(batch)` is asked once, after a first read of `full` rows (an idle or small cycle
+    never pays for it), for a child to take over from that batch on; reading goes on here
+    until the child is ready. Then the in-process read is closed (its transaction ends
+    before the child's begins) and `rest(child, last batch)` yields what the child reads
+    after it (and the rows read here). A child that fails before it is ready leaves the
+    cycle in this process.
+    """
+    child: H | None = None
+    handed_over = False
+    read = 0
+    last: B | None = None
+    try:
+        for rows in reads:
+            last = prepare(rows)
+            yield last
+            if read == 0 and len(rows) == full:
+                child = start(last)
+            read += len(rows)
+            if child is not None:
+                try:
+                    handed_over = child.ready()
+                except SourceError as error:  # not needed to go on: read on here
+                    log.warning("offload_failed", reason=str(error), action="the cycle goes on in one process")
+                    child.close()
+                    child = None
+            if handed_over:
+                break
+    finally:
+        if isinstance(reads, Generator):
+            reads.close()  # ends its read transaction before the child starts its own
+        if child is not None and not handed_over:
+            child.close()
+    if child is not None and handed_over:
+        assert last is not None
+        yield from rest(child, last, read)
