@@ -38,7 +38,7 @@ import sqlalchemy as sa
 import structlog
 
 from syncd.config import ApiConfig, ChangeFeed, SyncConfig
-from syncd.delivery import Ack, AuthError, ConfigurationError, Deliverer, DeliveryResult, Fence
+from syncd.delivery import AuthError, ConfigurationError, Deliverer, DeliveryResult, PushClient
 from syncd.mapping import MappedRows, Mapping, compile_mapping, digest_target, map_rows
 from syncd.metrics import Metrics
 from syncd.offload import Offload
@@ -67,7 +67,8 @@ OFFLOAD_AHEAD = 8  # batches a child process may map ahead of the sync thread
 NAMED_IN_LOG = 20  # trans_ids and dead-lettered keys the cycle line names; the rest are in the state db
 
 
-# -- what the cycle needs of its collaborators: source.TableReader, state.StateStore, delivery.ApiClient
+# -- what the cycle needs of its collaborators: source.TableReader, state.StateStore (and
+# delivery.PushClient, what Deliverer needs of delivery.ApiClient)
 
 
 class FeedReader(Protocol):
@@ -139,20 +140,6 @@ class CycleState(Protocol):
     ) -> None: ...
     def set_state(self, sync: str, state: str, *, error: str | None = None, backlog: int | None = None) -> None: ...
     def sync_status(self, sync: str) -> SyncStatus | None: ...
-
-
-class Tokens(Protocol):
-    def refresh(self) -> bool: ...  # re-read the key; True when it changed
-
-
-class PushClient(Protocol):
-    """The Add-contacts endpoint (`delivery.ApiClient`); `delivery.Deliverer` applies §5 over it."""
-
-    tokens: Tokens
-
-    def push(
-        self, datastore_id: str, feed_id: str, records: Sequence[dict[str, Any] | bytes], *, fence: Fence | None = None
-    ) -> Ack: ...
 
 
 @dataclass(slots=True)
@@ -539,12 +526,12 @@ class SyncRunner:
                 if not fast:
                     yield self._prepare(read, cursor=None, refresh=True)
                     continue
-                rows, outside = self.reader.split(read)
-                keys = [key_text(row[0]) for row in rows]
+                inside, outside = self.reader.split(read)
+                keys = [key_text(row[0]) for row in inside]
                 stored = self.state.known_source_hashes(name, keys)
-                stale = [row for key, row in zip(keys, rows, strict=True) if stored.get(key) != hash_of(row)]
-                batch = self._prepare(stale, cursor=None, refresh=True) if stale else _Batch(cursor=None)
-                stale_keys = {key_text(row[0]) for row in stale}
+                stale_rows = [row for key, row in zip(keys, inside, strict=True) if stored.get(key) != hash_of(row)]
+                batch = self._prepare(stale_rows, cursor=None, refresh=True) if stale_rows else _Batch(cursor=None)
+                stale_keys = {key_text(row[0]) for row in stale_rows}
                 batch.rows = len(read)
                 batch.unchanged_keys.extend(key for key in keys if key not in stale_keys)
                 self._left_filter(batch, outside)

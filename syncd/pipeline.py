@@ -242,7 +242,7 @@ def _answered(
     pending: deque[tuple[Future[DeliveryResult], B]], *, wait_for_one: bool
 ) -> list[tuple[Future[DeliveryResult], B]]:
     """The answered batches at the front of `pending`, in order (waiting for the first if asked)."""
-    answered = []
+    answered: list[tuple[Future[DeliveryResult], B]] = []
     while pending and (pending[0][0].done() or (wait_for_one and not answered)):
         pending[0][0].result()  # wait
         answered.append(pending.popleft())

@@ -35,7 +35,7 @@ class FakeSource:
     refuses have left the model (read with `membership=True`, they carry the verdict last).
     """
 
-    source_hash_index = None
+    source_hash_index: int | None = None
     feeds: Sequence[Any] = ()
 
     def __init__(self, columns: Sequence[str], *, filter: Callable[[dict[str, Any]], bool] | None = None) -> None:
@@ -70,7 +70,7 @@ class FakeSource:
     def has_membership(self) -> bool:
         return self.filter is not None
 
-    def _read(self, rows: Sequence[tuple[Any, ...]], membership: bool) -> list[tuple[Any, ...]]:
+    def _read(self, rows: Sequence[tuple[Any, ...]], membership: bool) -> list[Any]:
         if self.filter is None:
             return list(rows)
         verdicts = [self.filter(dict(zip(self.columns, row, strict=True))) for row in rows]
@@ -118,7 +118,7 @@ class FakeSource:
 
     def rows_by_keys(self, keys: list[str], *, membership: bool = False) -> Iterator[list[Sequence[Any]]]:
         wanted = set(keys)
-        rows = self._read([row for row in self.rows if key_text(row[0]) in wanted], membership)
+        rows: list[Sequence[Any]] = self._read([row for row in self.rows if key_text(row[0]) in wanted], membership)
         if rows:
             yield rows
 
