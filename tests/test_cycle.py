@@ -139,7 +139,7 @@ def test_batches_commit_in_read_order_even_when_a_later_ack_comes_first():
 
 
 def test_a_failed_batch_holds_the_watermark_before_it_and_later_acks_keep_their_digests():
-    sync = make_sync(3, batch=1, in_flight=2, attempts=2)
+    sync = make_sync(5, batch=1, in_flight=2, attempts=2)
     sync.api.fail = {"2": (500, 500)}
 
     report = sync.cycle()
@@ -147,10 +147,11 @@ def test_a_failed_batch_holds_the_watermark_before_it_and_later_acks_keep_their_
     assert report.outcome == "failing"
     assert sync.state.cursor_ == Cursor(1, 1)
     assert "2" not in sync.state.digests
+    assert {key for request in sync.api.requests for key in request.keys} == {"1", "2", "3"}  # none after it
     sync.api.fail = {}
     assert sync.cycle().outcome == "ok"
-    assert sync.state.cursor_ == Cursor(3, 3)
-    assert sorted(sync.api.acked_keys) == ["1", "2", "3"]  # 3 landed once: its digest was kept
+    assert sync.state.cursor_ == Cursor(5, 5)
+    assert sorted(sync.api.acked_keys) == ["1", "2", "3", "4", "5"]  # 3 landed once: its digest was kept
 
 
 def test_a_crash_resends_only_what_was_acknowledged_and_not_yet_committed():
@@ -184,6 +185,23 @@ def test_one_key_is_never_twice_in_flight():
 
     assert sync.api.twice_in_flight == []
     assert len(sync.api.acked_keys) == 160
+
+
+def test_a_lost_lease_sends_nothing_more_and_commits_nothing_more():
+    sync = make_sync(10, batch=1, in_flight=2)
+
+    def taken_over_after_three(request: Any) -> None:
+        if len(sync.api.requests) == 3:
+            assert sync.state.lease is not None
+            sync.state.lease.lose("another syncd took this sync over")
+
+    sync.api.on_request = taken_over_after_three
+
+    report = sync.cycle()
+
+    assert report.outcome == "skipped"
+    assert len(sync.api.requests) == 3  # every later send proves the lease first
+    assert sync.state.cursor_ is None or sync.state.cursor_.key < 3
 
 
 # -- §5 Failures by code
