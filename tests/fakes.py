@@ -134,6 +134,31 @@ class FakeSource:
         return min(limit, len(self._after(cursor)))
 
 
+class FakeFeed:
+    """A change feed's table: rows `(model key, watermark)`, read in (watermark, key) order."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[Any, int]] = []
+
+    def _sorted(self) -> list[tuple[Any, int]]:
+        return sorted(self.rows, key=lambda row: (row[1], row[0]))
+
+    def take_bound(self) -> Bound:
+        return Bound(None)
+
+    def last_position(self, bound: Bound) -> Cursor | None:
+        rows = self._sorted()
+        return self.position(rows[-1]) if rows else None
+
+    def position(self, row: Sequence[Any]) -> Cursor:
+        return Cursor(row[1], row[0])
+
+    def changed_rows(self, cursor: Cursor | None, batch_rows: int) -> Iterator[Sequence[Sequence[Any]]]:
+        rows = [r for r in self._sorted() if cursor is None or (r[1], r[0]) > (cursor.watermark, cursor.key)]
+        for start in range(0, len(rows), batch_rows):
+            yield rows[start : start + batch_rows]
+
+
 # -- the state database
 
 

@@ -21,7 +21,7 @@ from syncd.metrics import Metrics
 from syncd.pipeline import _MERGE, COMMIT_QUEUE, BatchOutcome
 from syncd.state import Cursor, StateStore
 
-from .fakes import Crash, FakeApi, FakeSource, FakeState
+from .fakes import Crash, FakeApi, FakeFeed, FakeSource, FakeState
 
 FIELDS = {"id": "id", "msisdn": {"column": "phone", "required": True}, "firstname": "first_name"}
 
@@ -82,6 +82,7 @@ def make_sync(
         backoff_max_s=0.001,
     )
     source = FakeSource(sync.columns, filter=filter)
+    source.feeds = [(feed, FakeFeed()) for feed in sync.changes]
     for n in range(1, rows + 1):
         source.put(n, n, phone=f"+4479460{n:05d}", first_name=f"name {n}", active=1)
     state, api = FakeState(), FakeApi()
@@ -333,6 +334,25 @@ def test_a_removed_key_is_pushed_as_the_removed_record():
 
     assert sync.api.records[-1] == {"id": 1, "status": "unsubscribed"}
     assert sync.state.removals == {"1": "filter"}
+
+
+def test_a_change_feed_re_reads_the_keys_it_names_and_its_cursor_moves_only_after_their_ack():
+    sync = make_sync(3, attempts=1, changes=[{"table": "emails", "key": "contact_id", "watermark": "changed"}])
+    emails = sync.source.feeds[0][1]
+    emails.rows = [(1, 1)]
+    sync.cycle()  # the backfill reads the whole model: the feed starts at its end
+    assert sync.state.feed_cursors == {"emails": Cursor(1, 1)}
+    sync.source.put(2, 2, phone="+447946000002", first_name="from the other table")  # the model's watermark stays
+    emails.rows.append((2, 7))
+    sync.api.fail = {"2": (500, 500)}
+
+    assert sync.cycle().outcome == "failing"
+    assert sync.state.feed_cursors == {"emails": Cursor(1, 1)}
+    sync.api.fail = {}
+    assert sync.cycle().outcome == "ok"
+
+    assert sync.api.records[-1]["firstname"] == "from the other table"
+    assert sync.state.feed_cursors == {"emails": Cursor(7, 2)}
 
 
 # -- the commit
