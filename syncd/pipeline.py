@@ -81,7 +81,8 @@ class BatchOutcome:
     """One state transaction's worth of answered batches: `StateStore.commit_batch`'s arguments.
 
     A new commit parameter is a field here *and* a rule in `_MERGE` (how two consecutive
-    outcomes combine); the tests fail until both exist.
+    outcomes combine); the tests fail until both exist. Indexes into one batch (a per-key
+    push attribution, say) must be offset when outcomes are added up, not just joined.
     """
 
     cursor: Cursor | None = None  # the watermark's new position; None leaves it
