@@ -1,15 +1,19 @@
-"""One sync cycle: read → map → drop unchanged → batch → push → commit.
+"""One sync cycle: read → map → drop unchanged → batch → push → commit; the policy.
 
-This module wires source, mapping, delivery and state together and owns the ordering
-rules between them (DESIGN.md §2, §3, §6):
-- a batch's watermark, digests and push rows are committed in one state transaction,
-  only after the API acknowledged it, and batches commit in read order, so the watermark
-  never passes a batch that is still pending;
-- up to `max_in_flight` batches are on the wire while the next is read and mapped; within
-  one cycle a key appears once, and cycles of one sync never overlap, so two versions of
-  one key are never in flight together;
+This module decides what a cycle reads, what it sends, what each answer commits and
+what it means for the sync (DESIGN.md §2, §3, §5, §6); `pipeline.py` moves the batches
+(in flight, answered in read order, committed on a thread) and `delivery.py` turns HTTP
+answers into outcomes. Its collaborators are the protocols below (`ModelReader`,
+`CycleState`, `PushClient`), so every rule can be tested over in-memory fakes.
+- a batch's watermark, digests and push rows are one `BatchOutcome`, committed after the
+  API acknowledged it; the watermark moves to the last batch before the first failure;
+- a row whose mapped payload equals the last acknowledged one is not sent;
+- within one cycle a key appears once, and cycles of one sync never overlap, so two
+  versions of one key are never in flight together;
 - a row that fails local validation, or that the API rejects on its own, becomes a dead
-  letter and the feed moves on;
+  letter and the feed moves on; a key whose current payload lands resolves its dead letter;
+- a refused key (`AuthError`) pauses pushing until the token file changes or a backoff
+  runs out; a configuration error (405) stops the sync until a reload;
 - a key the model holds twice is a dead letter, and neither row is sent;
 - a key that was acknowledged and has left the model (its row fails the filter, or is
   gone) is recorded as removed, and its `[syncs.removed]` record pushed if there is one;
@@ -20,42 +24,33 @@ rules between them (DESIGN.md §2, §3, §6):
 
 from __future__ import annotations
 
-import contextvars
+import functools
 import hashlib
-import queue
-import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import sqlalchemy as sa
 import structlog
 
-from syncd.config import ApiConfig, SyncConfig
-from syncd.delivery import (
-    ApiClient,
-    AuthError,
-    ConfigurationError,
-    Deliverer,
-    DeliveryResult,
-)
+from syncd.config import ApiConfig, ChangeFeed, SyncConfig
+from syncd.delivery import AuthError, ConfigurationError, Deliverer, DeliveryResult, PushClient
 from syncd.mapping import MappedRows, Mapping, compile_mapping, digest_target, map_rows
 from syncd.metrics import Metrics
 from syncd.offload import Offload
-from syncd.source import Bound, SourceError, TableReader, prefetched
+from syncd.pipeline import Answer, BatchOutcome, CycleLease, Pipeline, handing_over
+from syncd.source import Bound, SchemaProblem, SourceError, prefetched
 from syncd.state import (
     Cursor,
     DeadLetter,
-    Lease,
     LeaseLost,
     PushRecord,
     StateError,
-    StateStore,
+    SyncStatus,
     db_error_line,
     display_value,
     key_text,
@@ -70,6 +65,81 @@ AUTH_BACKOFF_MAX = timedelta(minutes=5)
 FINGERPRINT_ROWS = 5_000  # keys compared per state lookup in a reconcile
 OFFLOAD_AHEAD = 8  # batches a child process may map ahead of the sync thread
 NAMED_IN_LOG = 20  # trans_ids and dead-lettered keys the cycle line names; the rest are in the state db
+
+
+# -- what the cycle needs of its collaborators: source.TableReader, state.StateStore (and
+# delivery.PushClient, what Deliverer needs of delivery.ApiClient)
+
+
+class FeedReader(Protocol):
+    """A change feed's table (`source.TableReader` with `feed=True`)."""
+
+    def take_bound(self) -> Bound: ...
+    def last_position(self, bound: Bound) -> Cursor | None: ...
+    def position(self, row: Sequence[Any]) -> Cursor: ...
+    def changed_rows(self, cursor: Cursor | None, batch_rows: int) -> Iterator[Sequence[Sequence[Any]]]: ...
+
+
+class ModelReader(Protocol):
+    """The model a sync reads (`source.TableReader`): rows hold `sync.columns`, the key first."""
+
+    source: Any  # source.Source: `can_offload`, `name` and `config` start a child process
+    feeds: Sequence[tuple[ChangeFeed, FeedReader]]
+    key_is_unique: bool
+    hash_columns: tuple[str, ...]
+    source_hash_index: int | None
+
+    def problems(self, *, probe_data: bool = True) -> Sequence[SchemaProblem]: ...
+    def has_membership(self) -> bool: ...
+    def split(self, rows: Sequence[Sequence[Any]]) -> tuple[Sequence[Sequence[Any]], list[str]]: ...
+    def source_hash(self, row: Sequence[Any]) -> bytes: ...
+    def position(self, row: Sequence[Any]) -> Cursor: ...
+    def changed_rows(
+        self, cursor: Cursor | None, batch_rows: int, on_bound: Callable[[Bound], None], *, membership: bool = False
+    ) -> Iterator[Sequence[Sequence[Any]]]: ...
+    def all_rows(self, batch_rows: int, *, membership: bool = False) -> Iterator[Sequence[Sequence[Any]]]: ...
+    def fingerprints(self, batch_rows: int, *, membership: bool = False) -> Iterator[list[tuple[Any, ...]]]: ...
+    def rows_by_keys(self, keys: list[str], *, membership: bool = False) -> Iterator[list[Sequence[Any]]]: ...
+    def existing_keys(self, keys: Sequence[str]) -> set[str]: ...
+    def duplicate_keys(self, keys: Sequence[str] | None = None) -> dict[str, int]: ...
+    def backlog(self, cursor: Cursor | None, limit: int = 10_000_000) -> int: ...
+
+
+class CycleState(Protocol):
+    """What the cycle reads and writes in the state database (`state.StateStore`)."""
+
+    def acquire_lease(self, sync: str, ttl: timedelta) -> CycleLease | None: ...
+    def lease_holder(self, sync: str) -> tuple[str | None, datetime | None]: ...
+    def cursor(self, sync: str) -> Cursor | None: ...
+    def feed_cursor(self, sync: str, feed: str) -> Cursor | None: ...
+    def has_digests(self, sync: str) -> bool: ...
+    def known_digests(self, sync: str, keys: Sequence[str]) -> dict[str, bytes]: ...
+    def known_source_hashes(self, sync: str, keys: Sequence[str]) -> dict[str, bytes]: ...
+    def digest_keys(self, sync: str, batch: int = 5000) -> Iterator[list[str]]: ...
+    def sent_attributes(self, sync: str, keys: Sequence[str]) -> dict[str, dict[str, Any]]: ...
+    def mapping_hash(self, sync: str) -> str | None: ...
+    def set_mapping_hash(self, sync: str, value: str) -> None: ...
+    def open_dead_letter_count(self, sync: str) -> int: ...
+    def removal_count(self, sync: str) -> int: ...
+    def commit_batch(  # BatchOutcome's fields
+        self,
+        sync: str,
+        *,
+        cursor: Cursor | None,
+        acked: Sequence[tuple[str, bytes, bytes]] = (),
+        refreshed: Sequence[tuple[str, bytes]] = (),
+        pushes: Sequence[PushRecord] = (),
+        dead_letters: Sequence[DeadLetter] = (),
+        resolve_keys: Sequence[str] = (),
+        lease: Any = None,
+        progress: tuple[int, int] | None = None,
+        feed_cursors: Sequence[tuple[str, Cursor]] = (),
+        removed: Sequence[tuple[str, str]] = (),
+        returned: Sequence[str] = (),
+        sent: Sequence[tuple[str, str]] = (),
+    ) -> None: ...
+    def set_state(self, sync: str, state: str, *, error: str | None = None, backlog: int | None = None) -> None: ...
+    def sync_status(self, sync: str) -> SyncStatus | None: ...
 
 
 @dataclass(slots=True)
@@ -155,9 +225,9 @@ class SyncRunner:
         self,
         sync: SyncConfig,
         *,
-        reader: TableReader,
-        state: StateStore,
-        client: ApiClient,
+        reader: ModelReader,
+        state: CycleState,
+        client: PushClient,
         api: ApiConfig,
         metrics: Metrics,
         lease: timedelta,
@@ -181,12 +251,15 @@ class SyncRunner:
         self.stopped: str | None = None  # set by a configuration error; cleared by a reload
         self._schema_checked = False
         self._compare = True  # whether this cycle looks up digests (False on a first backfill)
-        self._lease_renewed = 0.0  # a pass over unchanged rows writes only to renew its lease
         self._auth_retry_at = 0.0
         self._auth_backoff = AUTH_BACKOFF_START
         self._has_removals = False  # whether acknowledged keys may end a recorded removal
         self._duplicates_possible: bool | None = None  # None: not known yet (then they are looked for)
         self._duplicates: dict[str, int] | None = None  # the model's, during a full pass; else asked per batch
+        # A pass over unchanged rows commits only to renew its lease, every quarter lease.
+        self._pipeline: Pipeline[_Batch] = Pipeline(
+            sync.name, max_in_flight=api.max_in_flight, commit=self._commit, renew_every=lease.total_seconds() / 4
+        )
 
     # -- entry points
 
@@ -303,37 +376,11 @@ class SyncRunner:
         self._compare = self.state.has_digests(self.sync.name)
         if not self._compare:  # everything stored from here on is taken under this mapping
             self.state.set_mapping_hash(self.sync.name, self.mapping_hash)
-        pending: deque[tuple[Future[DeliveryResult], _Batch]] = deque()
-        failed: list[DeliveryResult] = []
-        committer = _Committer(self.state.commit_batch, name=f"commit-{self.sync.name}")
-        stop_keeping = lease.keep()  # renews every quarter lease, however long a read or a retry takes
-        with ThreadPoolExecutor(self.api.max_in_flight, thread_name_prefix=f"push-{self.sync.name}") as pool:
-            try:
-                for batch in batches(report):
-                    lease.check()  # lost: this batch and the rest of the cycle are dropped
-                    pending.append((self._submit(pool, deliverer, batch), batch))
-                    full = len(pending) >= self.api.max_in_flight
-                    if full or pending[0][0].done():
-                        self._settle(report, _answered(pending, wait_for_one=full), failed, open_letters, committer, lease)
-                    if batch.barrier:  # what comes next compares with what this committed
-                        while pending and not failed:
-                            self._settle(report, _answered(pending, wait_for_one=True), failed, open_letters, committer, lease)
-                        committer.flush()
-                    if failed or self.should_stop():
-                        break
-            finally:
-                try:
-                    # What is on the wire still lands; its digests are kept. Not under a lost lease.
-                    while pending and lease.lost is None:
-                        answered = _answered(pending, wait_for_one=True)
-                        self._settle(report, answered, failed, open_letters, committer, lease)
-                finally:
-                    for future, _ in pending:  # lost: queued batches never start, running ones fail their fence
-                        future.cancel()
-                    stop_keeping()
-                    committer.close()  # every answered batch is committed before the cycle ends
-        if failed:
-            self._fail(report, failed[0])
+        send = functools.partial(self._send, deliverer)
+        settle = functools.partial(self._settle, report, open_letters)
+        failure = self._pipeline.run(batches(report), send=send, settle=settle, lease=lease, should_stop=self.should_stop)
+        if failure is not None:
+            self._fail(report, failure)
         elif report.outcome == "ok":
             self._auth_backoff = AUTH_BACKOFF_START
 
@@ -360,38 +407,22 @@ class SyncRunner:
         if cursor is None and self._duplicates_possible is not False:
             # The whole model is read: one aggregate over it instead of a lookup per batch.
             self._duplicates = self.reader.duplicate_keys()
-        offload: Offload | None = None
-        handed_over = False
-        read = 0
-        size = self.api.max_batch_records
-        in_process = self.reader.changed_rows(cursor, size, on_bound, membership=True)
-        try:
-            for rows in in_process:
-                batch = self._prepare(rows, cursor=self.reader.position(rows[-1]))
-                yield batch
-                if read == 0 and len(rows) == size:  # a full first batch: is this a big cycle?
-                    offload = self._start_offload(batch.cursor)
-                read += len(rows)
-                if offload is not None:
-                    try:
-                        handed_over = offload.ready()
-                    except SourceError as error:  # not needed to go on: read on here
-                        log.warning("offload_failed", reason=str(error), action="the cycle goes on in one process")
-                        offload.close()
-                        offload = None
-                if handed_over:
-                    cursor = batch.cursor
-                    break
-        finally:
-            in_process.close()  # ends its read transaction before the child starts its own
-            if offload is not None and not handed_over:
-                offload.close()
-        if offload is not None and handed_over:
+
+        def prepare(rows: Sequence[Sequence[Any]]) -> _Batch:
+            return self._prepare(rows, cursor=self.reader.position(rows[-1]))
+
+        def rest(offload: Offload, last: _Batch, read: int) -> Iterator[_Batch]:
             report.offloaded_after = read
             with offload:
-                results = offload.batches(cursor, bounds[0])
+                results = offload.batches(last.cursor, bounds[0])
                 for position, rows_read, mapped, outside in prefetched(results, depth=OFFLOAD_AHEAD):
                     yield self._select(mapped, rows=rows_read, cursor=position, outside=outside)
+
+        size = self.api.max_batch_records
+        in_process = self.reader.changed_rows(cursor, size, on_bound, membership=True)
+        yield from handing_over(
+            in_process, prepare, full=size, start=lambda batch: self._start_offload(batch.cursor), rest=rest
+        )
         if self._duplicates is not None:
             yield self._new_duplicates()
         if self.reader.feeds:
@@ -495,12 +526,12 @@ class SyncRunner:
                 if not fast:
                     yield self._prepare(read, cursor=None, refresh=True)
                     continue
-                rows, outside = self.reader.split(read)
-                keys = [key_text(row[0]) for row in rows]
+                inside, outside = self.reader.split(read)
+                keys = [key_text(row[0]) for row in inside]
                 stored = self.state.known_source_hashes(name, keys)
-                stale = [row for key, row in zip(keys, rows, strict=True) if stored.get(key) != hash_of(row)]
-                batch = self._prepare(stale, cursor=None, refresh=True) if stale else _Batch(cursor=None)
-                stale_keys = {key_text(row[0]) for row in stale}
+                stale_rows = [row for key, row in zip(keys, inside, strict=True) if stored.get(key) != hash_of(row)]
+                batch = self._prepare(stale_rows, cursor=None, refresh=True) if stale_rows else _Batch(cursor=None)
+                stale_keys = {key_text(row[0]) for row in stale_rows}
                 batch.rows = len(read)
                 batch.unchanged_keys.extend(key for key in keys if key not in stale_keys)
                 self._left_filter(batch, outside)
@@ -661,42 +692,24 @@ class SyncRunner:
                 kept = {name: payload[name] for name in attributes if name in payload}
                 batch.sent[key] = orjson.dumps(kept, option=orjson.OPT_SORT_KEYS).decode()
 
-    def _submit(self, pool: ThreadPoolExecutor, deliverer: Deliverer, batch: _Batch) -> Future[DeliveryResult]:
-        if not batch.encoded:
-            done: Future[DeliveryResult] = Future()
-            done.set_result(DeliveryResult())
-            return done
-        context = contextvars.copy_context()  # keep `sync=` on the push thread's log lines
-        return pool.submit(
-            context.run, deliverer.deliver, self.sync.datastore_id, self.sync.feed_id, batch.encoded
-        )
+    def _commit(self, outcome: BatchOutcome) -> None:
+        self.state.commit_batch(self.sync.name, **outcome.arguments())
 
-    def _settle(
-        self,
-        report: CycleReport,
-        answered: list[tuple[Future[DeliveryResult], _Batch]],
-        failed: list[DeliveryResult],
-        open_letters: bool,
-        committer: _Committer,
-        lease: Lease,
-    ) -> None:
-        """Commit answered batches (in read order) in one state transaction.
+    def _send(self, deliverer: Deliverer, batch: _Batch) -> DeliveryResult:
+        return deliverer.deliver(self.sync.datastore_id, self.sync.feed_id, batch.encoded)
+
+    def _settle(self, report: CycleReport, open_letters: bool, answers: list[Answer[_Batch]]) -> BatchOutcome:
+        """What answered batches (in read order) commit, in one state transaction.
 
         The watermark moves to the last batch before the first failure; batches that
         landed after a failure keep their digests, so they are not sent again.
         """
-        move: Cursor | None = None
+        outcome = BatchOutcome()
         feeds: dict[str, Cursor] = {}
-        removed: list[tuple[str, str]] = []
         records_of_removals = 0
-        sent: list[tuple[str, str]] = []
-        acked: list[tuple[str, bytes, bytes]] = []
-        refreshed: list[tuple[str, bytes]] = []
-        pushes: list[PushRecord] = []
-        dead: list[DeadLetter] = []
-        resolve: list[str] = []
-        for future, batch in answered:
-            result = future.result()
+        acked, dead, removed, resolve = outcome.acked, outcome.dead_letters, outcome.removed, outcome.resolve_keys
+        for answer in answers:
+            batch, result = answer.batch, answer.result
             dead.extend(batch.dead_letters)
             for index, error in result.rejected:
                 dead.append(
@@ -719,15 +732,13 @@ class SyncRunner:
                 landed = [item for item in landed if item[0] not in batch.removing]
             removed.extend(batch.gone)
             if batch.sent:
-                sent.extend((key, batch.sent[key]) for key, _, _ in landed if key in batch.sent)
+                outcome.sent.extend((key, batch.sent[key]) for key, _, _ in landed if key in batch.sent)
             acked.extend(landed)
-            refreshed.extend(batch.refreshed)
-            pushes.extend(result.pushes)
-            if not result.complete:
-                failed.append(result)
-            if not failed and batch.cursor is not None:
-                move = batch.cursor
-            if not failed and batch.feed is not None:
+            outcome.refreshed.extend(batch.refreshed)
+            outcome.pushes.extend(result.pushes)
+            if answer.in_order and batch.cursor is not None:
+                outcome.cursor = batch.cursor
+            if answer.in_order and batch.feed is not None:
                 feeds[batch.feed[0]] = batch.feed[1]
             if open_letters:  # a key whose current payload landed, or was there already, is resolved
                 resolve.extend(key for key, _, _ in landed)
@@ -735,47 +746,30 @@ class SyncRunner:
             report.rows_read += batch.rows
             report.unchanged += len(batch.unchanged_keys)
             report.batches += 1 if batch.encoded else 0
-        nothing = move is None and not (acked or refreshed or pushes or dead or resolve or feeds or removed)
-        if not nothing or time.monotonic() - self._lease_renewed > self.lease.total_seconds() / 4:
-            self._lease_renewed = time.monotonic()
-            model: dict[str, Any] = {}  # only what there is: most syncs have no feeds or removals
-            if feeds:
-                model["feed_cursors"] = list(feeds.items())
-            if removed:
-                model["removed"] = removed
-                self._has_removals = True
-            if self._has_removals and acked:
-                model["returned"] = [key for key, _, _ in acked]
-            if sent:
-                model["sent"] = sent
-            committer.commit(
-                self.sync.name,
-                cursor=move,
-                acked=acked,
-                refreshed=refreshed,
-                pushes=pushes,
-                dead_letters=dead,
-                resolve_keys=resolve,
-                lease=lease,  # fenced by owner and generation; renews the lease
-                progress=(report.rows_read, report.sent + len(acked)),
-                **model,
-            )
+        outcome.feed_cursors = list(feeds.items())
+        if removed:
+            self._has_removals = True
+        if self._has_removals and acked:
+            outcome.returned = [key for key, _, _ in acked]
+        outcome.progress = (report.rows_read, report.sent + len(acked))
+        pushes = outcome.pushes
         report.sent += len(acked) + records_of_removals
         report.removed += len(removed)
         report.dead_lettered += len(dead)
         report.note(pushes, dead)
         report.last_trans_id = next((p.trans_id for p in reversed(pushes) if p.trans_id), report.last_trans_id)
-        if move is not None:
-            report.watermark = move.watermark
+        if outcome.cursor is not None:
+            report.watermark = outcome.cursor.watermark
         name = self.sync.name
-        self.metrics.rows_read(name, sum(batch.rows for _, batch in answered))
-        self.metrics.unchanged_skipped(name, sum(len(batch.unchanged_keys) for _, batch in answered))
+        self.metrics.rows_read(name, sum(answer.batch.rows for answer in answers))
+        self.metrics.unchanged_skipped(name, sum(len(answer.batch.unchanged_keys) for answer in answers))
         self.metrics.records_sent(name, len(acked))
         self.metrics.dead_lettered(name, len(dead))
         for push in pushes:
             self.metrics.push(name, push.http_status, push.api_code, push.duration_ms / 1000)
         if self.on_progress is not None:
             self.on_progress(report)
+        return outcome
 
     def _fail(self, report: CycleReport, result: DeliveryResult) -> None:
         error = result.failure
@@ -845,102 +839,12 @@ class SyncRunner:
         getattr(log, level)("cycle", **report.summary())
 
 
-class _Committer:
-    """Writes answered batches to the state database on a thread of its own, in order.
-
-    The database does its work (SQLite releases the GIL while it writes) while the sync
-    thread reads and maps the next batches. Commits still happen only after the ACK and
-    in read order; the queue is short, so the state never falls far behind, and
-    `close()` waits for the last commit and re-raises any failure (LeaseLost included).
-    When commits queue up (a backfill), the waiting ones go into one transaction: they
-    were all acknowledged, and one transaction costs less than several.
-    """
-
-    def __init__(self, commit: Callable[..., None], *, name: str) -> None:
-        self._commit = commit
-        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=4)
-        self._error: BaseException | None = None
-        context = contextvars.copy_context()
-        self._thread = threading.Thread(target=context.run, args=(self._run,), name=name, daemon=True)
-        self._thread.start()
-
-    def commit(self, sync: str, **outcome: Any) -> None:
-        """Queue `StateStore.commit_batch(sync, **outcome)`."""
-        self._raise()
-        self._queue.put({"sync": sync, **outcome})
-
-    def flush(self) -> None:
-        """Wait until everything queued so far is committed."""
-        self._queue.join()
-        self._raise()
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        self._raise()
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-
-    def _run(self) -> None:
-        closing = False
-        while not closing:
-            item = self._queue.get()
-            if item is None:
-                self._queue.task_done()
-                return
-            taken = 1
-            while not closing:  # take what else is waiting into the same transaction
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                taken += 1
-                if more is None:
-                    closing = True
-                else:
-                    item = _merged(item, more)
-            if self._error is None:  # after a failure nothing more may commit
-                try:
-                    self._commit(**item)
-                except BaseException as error:  # handed to the sync thread
-                    self._error = error
-            for _ in range(taken):
-                self._queue.task_done()
-
-
-def _merged(first: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
-    """Two consecutive commits of one sync as one: the later cursor and lease, everything else added up."""
-    merged = dict(first)
-    for name, value in then.items():
-        if name in ("acked", "refreshed", "pushes", "dead_letters", "resolve_keys", "removed", "returned", "sent"):
-            merged[name] = [*first.get(name, ()), *value]
-        elif name == "feed_cursors":  # the later position of each feed
-            merged[name] = list({**dict(first.get(name, ())), **dict(value)}.items())
-        elif name != "cursor" or value is not None:
-            merged[name] = value
-    return merged
-
-
-def _mapping_hash(sync: SyncConfig, reader: TableReader) -> str:
+def _mapping_hash(sync: SyncConfig, reader: ModelReader) -> str:
     """Identifies what stored fingerprints stand for: the mapping, its columns, its target."""
     fields = {name: spec.model_dump() for name, spec in sync.fields.items()}
     target = [sync.datastore_id, sync.feed_id]
     data = orjson.dumps({"fields": fields, "columns": reader.hash_columns, "target": target}, option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(data).hexdigest()[:32]
-
-
-def _answered(
-    pending: deque[tuple[Future[DeliveryResult], _Batch]], *, wait_for_one: bool
-) -> list[tuple[Future[DeliveryResult], _Batch]]:
-    """The answered batches at the front of `pending`, in order (waiting for the first if asked)."""
-    answered = []
-    while pending and (pending[0][0].done() or (wait_for_one and not answered)):
-        pending[0][0].result()  # wait
-        answered.append(pending.popleft())
-    return answered
 
 
 def _add(value: Any, delta: timedelta) -> Any:

@@ -42,6 +42,7 @@ __all__ = [
     "Deliverer",
     "DeliveryResult",
     "Fence",
+    "PushClient",
     "RateLimiter",
     "SharedRateLimiter",
     "RejectedError",
@@ -281,6 +282,21 @@ class Fence(Protocol):
     def check(self) -> None: ...  # raises LeaseLost once lost
 
 
+class PushClient(Protocol):
+    """What `Deliverer` and the sync cycle need of the endpoint (`ApiClient`; fakes in tests)."""
+
+    @property
+    def tokens(self) -> Tokens: ...
+
+    def push(
+        self, datastore_id: str, feed_id: str, records: Sequence[dict[str, Any] | bytes], *, fence: Fence | None = None
+    ) -> Ack: ...
+
+
+class Tokens(Protocol):
+    def refresh(self) -> bool: ...  # re-read the key; True when it changed
+
+
 class ApiClient:
     """One keep-alive HTTP client for the Add-contacts endpoint; thread-safe."""
 
@@ -368,7 +384,7 @@ class Deliverer:
 
     def __init__(
         self,
-        client: ApiClient,
+        client: PushClient,
         config: ApiConfig,
         *,
         kind: str = "sync",
