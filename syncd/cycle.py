@@ -691,6 +691,7 @@ class SyncRunner:
         records_of_removals = 0
         sent: list[tuple[str, str]] = []
         acked: list[tuple[str, bytes, bytes]] = []
+        acked_by: list[PushRecord] = []  # the ACK push of each of `acked`
         refreshed: list[tuple[str, bytes]] = []
         pushes: list[PushRecord] = []
         dead: list[DeadLetter] = []
@@ -712,6 +713,7 @@ class SyncRunner:
                 landed = list(zip(batch.keys, batch.digests, batch.sources, strict=True))
             else:
                 landed = [(batch.keys[i], batch.digests[i], batch.sources[i]) for i in result.acked]
+            carrier = dict(zip((item[0] for item in landed), result.ack_pushes(), strict=True))
             if batch.removing:  # removal records: the ACK records the removal, not a digest
                 records = [(item[0], batch.removing[item[0]]) for item in landed if item[0] in batch.removing]
                 removed.extend(records)
@@ -721,6 +723,7 @@ class SyncRunner:
             if batch.sent:
                 sent.extend((key, batch.sent[key]) for key, _, _ in landed if key in batch.sent)
             acked.extend(landed)
+            acked_by.extend(carrier[key] for key, _, _ in landed)
             refreshed.extend(batch.refreshed)
             pushes.extend(result.pushes)
             if not result.complete:
@@ -752,6 +755,7 @@ class SyncRunner:
                 self.sync.name,
                 cursor=move,
                 acked=acked,
+                acked_by=acked_by,
                 refreshed=refreshed,
                 pushes=pushes,
                 dead_letters=dead,
@@ -915,7 +919,9 @@ def _merged(first: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
     """Two consecutive commits of one sync as one: the later cursor and lease, everything else added up."""
     merged = dict(first)
     for name, value in then.items():
-        if name in ("acked", "refreshed", "pushes", "dead_letters", "resolve_keys", "removed", "returned", "sent"):
+        if name in (
+            "acked", "acked_by", "refreshed", "pushes", "dead_letters", "resolve_keys", "removed", "returned", "sent"
+        ):
             merged[name] = [*first.get(name, ()), *value]
         elif name == "feed_cursors":  # the later position of each feed
             merged[name] = list({**dict(first.get(name, ())), **dict(value)}.items())
