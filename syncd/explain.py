@@ -279,8 +279,8 @@ def render_story(story: dict[str, Any]) -> str:
         lines.append("                is not recorded")
     elif ack["any"]:
         when = ack["at"][:19].replace("T", " ")
-        trans = f"trans_id {ack['trans_id']}" if ack["trans_id"] else "no trans_id"
-        lines += _wrapped(f"at {when} UTC, push #{ack['push_id']}, {trans}", " " * 16)
+        lines.append(f"                at {when} UTC, push #{ack['push_id']}")
+        lines += _wrapped(f"trans_id {ack['trans_id']}" if ack["trans_id"] else "no trans_id", " " * 16)
         lines.append(f"  push #{ack['push_id']} (as `syncd pushes` shows it):")
         lines += ["    " + line for line in render_pushes([ack["push"]], width=76).splitlines()]
     if story["removed"]:

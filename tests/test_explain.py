@@ -163,3 +163,24 @@ def test_inspect_says_a_key_acknowledged_before_push_tracking_is_not_attributed(
     assert ack["trans_id"] is None and ack["at"] is None and ack["push"] is None
     text = syncd("inspect", "-c", str(config), "--sync", "contacts", "1").stdout
     assert "acknowledged before push tracking" in text
+
+
+def test_inspect_tells_when_and_why_a_contact_left_the_model(crm, api, state_url, tmp_path):  # noqa: F811
+    crm.insert([contact(1)])
+    config = write_config(
+        tmp_path / "syncd.toml",
+        source_url=crm.url,
+        api_url=api.url,
+        state_url=state_url,
+        extra_sync="filter = \"first_name <> 'Gone'\"",
+    )
+    assert once(config) == 0
+    assert json.loads(syncd("inspect", "-c", str(config), "--sync", "contacts", "1", "--json").stdout)["removed"] is None
+    crm.update([1], first_name="Gone")  # e.g. a soft delete
+    assert once(config) == 0
+
+    story = json.loads(syncd("inspect", "-c", str(config), "--sync", "contacts", "1", "--json").stdout)
+    assert story["removed"]["reason"] == "filter" and story["removed"]["at"] is not None
+    assert story["acknowledged"]["any"] is False  # its digest went with the removal
+    text = syncd("inspect", "-c", str(config), "--sync", "contacts", "1").stdout
+    assert "removed at" in text and "filter" in text
