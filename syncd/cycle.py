@@ -725,6 +725,7 @@ class SyncRunner:
                 landed = list(zip(batch.keys, batch.digests, batch.sources, strict=True))
             else:
                 landed = [(batch.keys[i], batch.digests[i], batch.sources[i]) for i in result.acked]
+            carrier = dict(zip((item[0] for item in landed), result.ack_pushes(), strict=True))
             if batch.removing:  # removal records: the ACK records the removal, not a digest
                 records = [(item[0], batch.removing[item[0]]) for item in landed if item[0] in batch.removing]
                 removed.extend(records)
@@ -734,6 +735,7 @@ class SyncRunner:
             if batch.sent:
                 outcome.sent.extend((key, batch.sent[key]) for key, _, _ in landed if key in batch.sent)
             acked.extend(landed)
+            outcome.acked_by.extend(carrier[key] for key, _, _ in landed)
             outcome.refreshed.extend(batch.refreshed)
             outcome.pushes.extend(result.pushes)
             if answer.in_order and batch.cursor is not None:

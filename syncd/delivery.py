@@ -373,10 +373,17 @@ class DeliveryResult:
     rejected: list[tuple[int, ApiError]] = field(default_factory=list)
     pushes: list[PushRecord] = field(default_factory=list)
     failure: ApiError | None = None  # set when the batch must stay pending
+    # For each of `acked`, the index in `pushes` of the ACK that carried it: a bisected
+    # batch is acknowledged in parts, each under its own trans_id.
+    acked_by: list[int] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
         return self.failure is None
+
+    def ack_pushes(self) -> list[PushRecord]:
+        """The ACK push that carried each of `acked`, in the same order."""
+        return [self.pushes[i] for i in self.acked_by]
 
 
 class Deliverer:
@@ -430,6 +437,7 @@ class Deliverer:
             result.failure = error
             return
         result.acked.extend(indexes)
+        result.acked_by.extend([len(result.pushes) - 1] * len(indexes))  # the ACK was recorded last
 
     def _with_retries(
         self, datastore_id: str, feed_id: str, records: list[dict[str, Any] | bytes], result: DeliveryResult

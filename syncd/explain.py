@@ -5,16 +5,17 @@ them; the state database is opened as `status` opens it: never created, migrated
 leased. Without a state database (nothing has run yet) every mapped record counts as
 one that would be sent.
 
-What the state keeps per key is the digest of the payload last acknowledged, not when
-or in which push: a push record covers a batch and names no key. So `inspect` says
-whether the current record equals what was acknowledged, and gives a time only where a
-dead letter of the key was resolved by a delivery.
+The state keeps per key the digest of the payload last acknowledged and the push whose
+ACK carried it (a bisected batch is acknowledged in parts, each its own push), so `inspect`
+says whether the current record equals what was acknowledged, when, and under which
+`trans_id`. Keys acknowledged before the state recorded that (schema 0005) say so.
 """
 
 from __future__ import annotations
 
 import textwrap
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 import orjson
@@ -24,7 +25,7 @@ from syncd.errors import SyncdError
 from syncd.mapping import MappedRows, compile_mapping, digest_target, map_rows
 from syncd.source import Source, SourceError
 from syncd.state import StateStore, display_value, key_text
-from syncd.status import StateUnavailable, open_existing_state
+from syncd.status import StateUnavailable, open_existing_state, push_row, render_pushes
 
 __all__ = ["ExplainError", "inspect", "preview", "render_preview", "render_story"]
 
@@ -124,7 +125,8 @@ def preview(config: Config, sync: SyncConfig, *, limit: int = 20, keys: Sequence
 
 
 def inspect(config: Config, sync: SyncConfig, key: str) -> dict[str, Any]:
-    """One contact's story: its row now, its record or why it is refused, its last ACK, its dead letters."""
+    """One contact's story: its row now, its record or why it is refused, its last ACK (when, which
+    push), its dead letters, its removal."""
     state = _state(config)
     model = _Model(config, sync)
     story: dict[str, Any] = {"sync": sync.name, "key": key, "sync_watermark": None}
@@ -143,12 +145,10 @@ def inspect(config: Config, sync: SyncConfig, key: str) -> dict[str, Any]:
         acknowledged = state.acknowledged(sync.name, key) if state else None
         cursor = state.cursor(sync.name) if state else None
         story["sync_watermark"] = display_value(cursor.watermark) if cursor else None
-        story["acknowledged"] = {
-            "any": acknowledged is not None,
-            "matches_current": None if acknowledged is None or digest is None else acknowledged == digest,
-        }
+        story["acknowledged"] = _acknowledgement(acknowledged, digest)
         ids = state.dead_letter_ids(sync.name, key) if state else []
         letters = list(state.dead_letters(sync.name, include_resolved=True, ids=ids)) if ids else []
+        removal = state.removals(sync.name, [key]).get(key) if state else None
     except SourceError as error:
         raise ExplainError(str(error)) from None
     finally:
@@ -169,8 +169,36 @@ def inspect(config: Config, sync: SyncConfig, key: str) -> dict[str, Any]:
         }
         for letter in letters
     ]
+    story["removed"] = None if removal is None else {"at": display_value(removal[0]), "reason": removal[1]}
     story["state_database"] = state is not None
     return story
+
+
+def _acknowledgement(acknowledged: tuple[bytes, dict[str, Any] | None] | None, digest: bytes | None) -> dict[str, Any]:
+    """What was last acknowledged for a key: whether it equals the record now, and when and in
+    which push (`push` as `syncd pushes --json` shows it; None when acknowledged before the
+    state recorded pushes per key)."""
+    if acknowledged is None:
+        return {
+            "any": False,
+            "matches_current": None,
+            "before_push_tracking": False,
+            "at": None,
+            "trans_id": None,
+            "push_id": None,
+            "push": None,
+        }
+    stored, push = acknowledged
+    answered = None if push is None else push["sent_at"] + timedelta(milliseconds=push["duration_ms"])
+    return {
+        "any": True,
+        "matches_current": None if digest is None else stored == digest,
+        "before_push_tracking": push is None,
+        "at": display_value(answered),  # when the ACK came back
+        "trans_id": None if push is None else push["trans_id"],
+        "push_id": None if push is None else push["id"],
+        "push": None if push is None else push_row(push),
+    }
 
 
 def _mapped(rows: Sequence[Sequence[Any]], sync: SyncConfig) -> MappedRows:
@@ -246,6 +274,18 @@ def render_story(story: dict[str, Any]) -> str:
         else:
             lines.append("  acknowledged: yes, a different record: the row changed since; the next cycle")
             lines.append("                sends it if its watermark moved, reconcile if not")
+    if ack["before_push_tracking"]:
+        lines.append("                acknowledged before push tracking: when, and in which push,")
+        lines.append("                is not recorded")
+    elif ack["any"]:
+        when = ack["at"][:19].replace("T", " ")
+        lines.append(f"                at {when} UTC, push #{ack['push_id']}")
+        lines += _wrapped(f"trans_id {ack['trans_id']}" if ack["trans_id"] else "no trans_id", " " * 16)
+        lines.append(f"  push #{ack['push_id']} (as `syncd pushes` shows it):")
+        lines += ["    " + line for line in render_pushes([ack["push"]], width=76).splitlines()]
+    if story["removed"]:
+        removed = story["removed"]
+        lines += _wrapped(f"removed at {removed['at'][:19].replace('T', ' ')} UTC: {removed['reason']}", "  ")
     lines.append(f"  sync watermark: {story['sync_watermark'] or 'none yet'}")
     if not story["dead_letters"]:
         lines.append("  dead letters: none")

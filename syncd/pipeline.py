@@ -87,6 +87,7 @@ class BatchOutcome:
 
     cursor: Cursor | None = None  # the watermark's new position; None leaves it
     acked: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # (key, digest, source fingerprint)
+    acked_by: list[PushRecord] = field(default_factory=list)  # the ACK push of each of `acked`
     refreshed: list[tuple[str, bytes]] = field(default_factory=list)  # unchanged payload, new fingerprint
     pushes: list[PushRecord] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
@@ -116,6 +117,7 @@ class BatchOutcome:
 _MERGE: dict[str, Callable[[Any, Any], Any]] = {
     "cursor": _later_if_set,  # a batch without a position keeps the one before
     "acked": _added,
+    "acked_by": _added,
     "refreshed": _added,
     "pushes": _added,
     "dead_letters": _added,

@@ -29,6 +29,7 @@ __all__ = [
     "collect_status",
     "exit_code",
     "open_existing_state",
+    "push_row",
     "push_rows",
     "render",
     "render_pushes",
@@ -209,23 +210,25 @@ def push_rows(
     state: StateStore, sync: str | None, *, since: datetime | None = None, failed: bool = False, limit: int = 50
 ) -> list[dict[str, Any]]:
     """The push records (DESIGN §4), newest first, in the form `pushes --json` prints."""
-    return [
-        {
-            "sync": push["sync"],
-            "kind": push["kind"],
-            "sent_at": _iso(_utc(push["sent_at"])),
-            "records": push["record_count"],
-            "outcome": push["outcome"],
-            "http_status": push["http_status"],
-            "api_code": push["api_code"],
-            "description": push["description"],
-            "trans_id": push["trans_id"],
-            "correlation_id": push["correlation_id"],
-            "attempt": push["attempt"],
-            "duration_ms": round(push["duration_ms"], 1),
-        }
-        for push in state.pushes(sync, limit, since=since, failed=failed)
-    ]
+    return [push_row(push) for push in state.pushes(sync, limit, since=since, failed=failed)]
+
+
+def push_row(push: dict[str, Any]) -> dict[str, Any]:
+    """One row of the pushes table as `pushes --json` prints it."""
+    return {
+        "sync": push["sync"],
+        "kind": push["kind"],
+        "sent_at": _iso(_utc(push["sent_at"])),
+        "records": push["record_count"],
+        "outcome": push["outcome"],
+        "http_status": push["http_status"],
+        "api_code": push["api_code"],
+        "description": push["description"],
+        "trans_id": push["trans_id"],
+        "correlation_id": push["correlation_id"],
+        "attempt": push["attempt"],
+        "duration_ms": round(push["duration_ms"], 1),
+    }
 
 
 def _utc(value: datetime | None) -> datetime | None:

@@ -310,6 +310,10 @@ def test_bisection_isolates_exactly_the_rejected_records(tmp_path: Path, bad: se
     # Every attempt, the rejected ones included, is recorded.
     assert len(result.pushes) == len(api.requests)
     assert {p.outcome for p in result.pushes} <= {"ack", "rejected"}
+    # Each acknowledged record names the push whose ACK carried it (its part's trans_id).
+    for index, carrier in zip(result.acked, result.ack_pushes(), strict=True):
+        (request,) = [api.requests[n] for n, p in enumerate(result.pushes) if p is carrier]
+        assert carrier.outcome == "ack" and batch[index] in request["records"]
 
 
 def test_413_splits_the_batch_until_it_fits(tmp_path: Path) -> None:

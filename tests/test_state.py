@@ -26,12 +26,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def store(request, tmp_path):
+def sqlite_or_postgres(request, tmp_path) -> str:
+    """An empty state database's URL (no migration run)."""
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'state.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    store = StateStore(url)
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def store(sqlite_or_postgres):
+    store = StateStore(sqlite_or_postgres)
     store.migrate()
     store.ensure_syncs(["contacts"])
     yield store
@@ -83,6 +87,63 @@ def test_batch_commit_moves_watermark_digests_and_push_together(store):
     assert store.known_digests("contacts", ["6", "7", "8"]) == {"6": b"a" * 16, "7": b"b" * 16}
     assert store.status()[0].records_sent == 2
     assert store.pushes("contacts")[0]["trans_id"] == "t-1"
+
+
+def test_each_digest_names_the_push_whose_ack_carried_it(store):
+    """A bisected batch lands in parts: each key is stored with its own part's push (trans_id)."""
+    first, refused, second = push(count=1), push("rejected", count=2), push(count=1)
+    first.trans_id, refused.trans_id, second.trans_id = "t-first", None, "t-second"
+    store.commit_batch(
+        "contacts",
+        cursor=None,
+        acked=[("6", b"a" * 16, b"s" * 16), ("7", b"b" * 16, b"t" * 16)],
+        acked_by=[first, second],
+        pushes=[refused, first, second],
+    )
+    (_, six), (_, seven) = store.acknowledged("contacts", "6"), store.acknowledged("contacts", "7")
+    assert (six["trans_id"], seven["trans_id"]) == ("t-first", "t-second")
+    by_id = {row["id"]: row["trans_id"] for row in store.pushes("contacts")}
+    assert by_id[six["id"]] == "t-first" and by_id[seven["id"]] == "t-second"
+    assert six["sent_at"].tzinfo is not None
+    assert store.acknowledged("contacts", "8") is None
+
+    again = push(count=1)
+    again.trans_id = "t-again"
+    store.commit_batch("contacts", cursor=None, acked=[("6", b"c" * 16, b"s" * 16)], acked_by=[again], pushes=[again])
+    digest, carrier = store.acknowledged("contacts", "6")
+    assert (digest, carrier["trans_id"]) == (b"c" * 16, "t-again")  # the last ACK, not the first
+
+
+def test_migration_0005_upgrades_a_0004_state_in_place(sqlite_or_postgres):
+    """Keys acknowledged before 0005 keep their digests and say their push is not known."""
+    from alembic import command
+
+    from syncd.state import _alembic_config
+
+    store = StateStore(sqlite_or_postgres)
+    with store.engine.begin() as conn:
+        command.upgrade(_alembic_config(conn), "0004")
+    store.ensure_syncs(["contacts"])
+    store.reset("contacts", Cursor(5, 5), forget=None)
+    with store.engine.begin() as conn:
+        assert "push_id" not in {column["name"] for column in sa.inspect(conn).get_columns("digests")}
+        conn.execute(
+            sa.text("INSERT INTO digests (sync, \"key\", digest, source_hash) VALUES ('contacts', '5', :d, :s)"),
+            {"d": b"o" * 16, "s": b"h" * 16},
+        )
+    assert store.schema_revision() == "0004"
+
+    store.migrate()
+    assert store.schema_revision() == "0005" and store.schema_is_current()
+    assert store.cursor("contacts") == Cursor(5, 5)
+    assert store.acknowledged("contacts", "5") == (b"o" * 16, None)  # acknowledged before push tracking
+    assert store.known_source_hashes("contacts", ["5"]) == {"5": b"h" * 16}
+
+    ack = push(count=1)
+    store.commit_batch("contacts", cursor=None, acked=[("5", b"n" * 16, b"h" * 16)], acked_by=[ack], pushes=[ack])
+    digest, carrier = store.acknowledged("contacts", "5")
+    assert digest == b"n" * 16 and carrier["trans_id"] == "t-1"
+    store.close()
 
 
 def test_a_lost_lease_commits_nothing(store):
