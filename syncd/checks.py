@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from syncd.config import Config, SecretFileError, config_warnings, read_secret_file
 from syncd.source import Source, SourceError, describe_db_error
-from syncd.state import StateStore, db_error_line
+from syncd.state import StateError, StateStore
 
 __all__ = ["CheckLine", "probe_api", "run_checks"]
 
@@ -75,13 +75,13 @@ def _check_state(config: Config) -> Iterator[CheckLine]:
         return
     try:
         state = StateStore(config.state.url)
-    except ValueError as error:
-        yield CheckLine("error", "state", str(error))
+    except StateError as error:
+        yield CheckLine("error", "state", f"{url}: {error.reason}")
         return
     try:
         current = state.schema_is_current()
-    except (sa.exc.DBAPIError, OSError) as error:
-        yield CheckLine("error", "state", f"{url}: {db_error_line(error)}")
+    except StateError as error:
+        yield CheckLine("error", "state", f"{url}: {error.reason}")
         return
     finally:
         state.close()

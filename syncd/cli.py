@@ -236,18 +236,13 @@ def _require_secrets(config: Config, syncs: Sequence[str] | None = None, *, api:
 
 
 def _open_runtime(config: Config, **kwargs: Any):  # type: ignore[no-untyped-def]
-    import sqlalchemy as sa
-
+    from syncd.errors import StateError
     from syncd.runtime import Runtime
 
     try:
         return Runtime.open(config, **kwargs)
-    except sa.exc.OperationalError as error:
-        from syncd.state import db_error_line
-
-        raise CommandError(f"state database {_safe_url(config.state.url)}: {db_error_line(error)}") from None
-    except ValueError as error:
-        raise CommandError(str(error)) from None
+    except StateError as error:
+        raise CommandError(f"state database {_safe_url(config.state.url)}: {error.reason}") from None
 
 
 def _existing_state(config: Config):  # type: ignore[no-untyped-def]
@@ -413,18 +408,20 @@ def _reset(args: argparse.Namespace) -> int:
     config = _load(args)
     sync = config.sync(args.sync)
     _require_secrets(config, [sync.name], api=False)
+    from syncd.errors import LeaseHeldError
     from syncd.source import SourceError, parse_watermark
-    from syncd.state import key_text
+    from syncd.values import key_text
 
     with _open_runtime(config) as runtime:
         # Holding the lease keeps a daemon from starting a cycle of this sync while we reset it.
-        if not runtime.state.acquire_lease(sync.name, config.state.lease) and not args.force:
-            owner, until = runtime.state.lease_holder(sync.name)
-            held = f" until {until:%Y-%m-%d %H:%M:%S} UTC" if until else ""
-            raise CommandError(
-                f"sync {sync.name} is held by {owner}{held} (a running syncd): stop it first, "
-                "or --force (the running syncd may then write its own watermark over the reset)"
-            )
+        try:
+            runtime.state.acquire_lease(sync.name, config.state.lease)
+        except LeaseHeldError as held:
+            if not args.force:
+                raise CommandError(
+                    f"{held} (a running syncd): stop it first, "
+                    "or --force (the running syncd may then write its own watermark over the reset)"
+                ) from None
         reader = runtime.runners[sync.name].reader
         try:
             try:

@@ -48,18 +48,9 @@ from syncd.mapping import MappedRows, Mapping, compile_mapping, digest_target, m
 from syncd.metrics import Metrics
 from syncd.offload import Offload
 from syncd.source import Bound, SourceError, TableReader, prefetched
-from syncd.state import (
-    Cursor,
-    DeadLetter,
-    Lease,
-    LeaseLost,
-    PushRecord,
-    StateError,
-    StateStore,
-    db_error_line,
-    display_value,
-    key_text,
-)
+from syncd.errors import LeaseHeldError, LeaseLost, StateError
+from syncd.state import Lease, StateStore
+from syncd.values import Cursor, DeadLetter, PushRecord, display_value, key_text
 
 __all__ = ["CycleReport", "SyncRunner"]
 
@@ -266,8 +257,6 @@ class SyncRunner:
                 self._cycle(report, batches)
             except SourceError as error:
                 report.outcome, report.error = "failing", str(error)
-            except sa.exc.DBAPIError as error:  # the state database (the source's are SourceError)
-                report.outcome, report.error = "failing", f"state database: {db_error_line(error)}"
             except StateError as error:
                 report.outcome, report.error = "failing", str(error)
             except LeaseLost as error:  # what was read under it was dropped, not sent
@@ -290,11 +279,11 @@ class SyncRunner:
             self.warm_up()
         self._learn_key_uniqueness()
         self._duplicates = None  # a full pass that ended early leaves none behind
-        lease = self.state.acquire_lease(self.sync.name, self.lease)
-        if lease is None:
-            owner, until = self.state.lease_holder(self.sync.name)
-            held = f" (lease until {until:%H:%M:%S} UTC)" if until else ""
-            report.outcome, report.error = "skipped", f"running on {owner or 'another syncd'}{held}"
+        try:
+            lease = self.state.acquire_lease(self.sync.name, self.lease)
+        except LeaseHeldError as held:
+            until = f" (lease until {held.expires_at:%H:%M:%S} UTC)" if held.expires_at else ""
+            report.outcome, report.error = "skipped", f"running on {held.owner or 'another syncd'}{until}"
             return
         deliverer = Deliverer(self.client, self.api, kind=report.kind, should_stop=self.should_stop, fence=lease)
         open_letters = self.state.open_dead_letter_count(self.sync.name) > 0
@@ -822,7 +811,7 @@ class SyncRunner:
         if report.kind == "sync" and state not in (None, "paused") and not source_failed:
             try:
                 report.backlog = self.reader.backlog(self.state.cursor(name))
-            except (SourceError, sa.exc.DBAPIError):
+            except (SourceError, StateError, sa.exc.DBAPIError):
                 report.backlog = None
         # Metrics before the state database, which may be what failed this cycle.
         self.metrics.cycle(name, report.duration_s, "ok" if report.outcome == "ok" else "failed")

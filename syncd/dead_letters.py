@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from syncd.runtime import Runtime
-from syncd.state import display_value
+from syncd.values import display_value
 
 __all__ = ["DiscardOutcome", "RetryOutcome", "discard", "listing", "render", "retry"]
 

@@ -29,8 +29,8 @@ import orjson
 import structlog
 
 from syncd.config import LEASE_MARGIN_S, ApiConfig, SecretFileError, read_secret_file
-from syncd.errors import SyncdError
-from syncd.state import PushRecord, StateError, utcnow
+from syncd.errors import StateError, SyncdError
+from syncd.values import PushRecord, utcnow
 
 __all__ = [
     "Ack",

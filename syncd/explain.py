@@ -23,8 +23,9 @@ from syncd.config import Config, SyncConfig
 from syncd.errors import SyncdError
 from syncd.mapping import MappedRows, compile_mapping, digest_target, map_rows
 from syncd.source import Source, SourceError
-from syncd.state import StateStore, display_value, key_text
+from syncd.state import StateStore
 from syncd.status import StateUnavailable, open_existing_state
+from syncd.values import display_value, key_text
 
 __all__ = ["ExplainError", "inspect", "preview", "render_preview", "render_story"]
 

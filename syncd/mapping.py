@@ -58,7 +58,7 @@ from phonenumbers import PhoneMetadata
 
 from syncd.errors import SyncdError
 from syncd.fields import FieldSpec
-from syncd.state import key_text
+from syncd.values import key_text
 
 __all__ = [
     "FieldError",

@@ -40,7 +40,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 if TYPE_CHECKING:
     from syncd.config import SyncConfig
-    from syncd.state import SyncStatus
+    from syncd.values import SyncStatus
 
 __all__ = ["STATES", "Metrics", "MetricsServer", "parse_listen", "schedule_seconds"]
 

@@ -35,7 +35,7 @@ from sqlalchemy.dialects import mysql
 
 from syncd.config import ChangeFeed, SecretFileError, SourceConfig, SyncConfig
 from syncd.errors import SyncdError
-from syncd.state import Cursor, db_error_line, key_text
+from syncd.values import Cursor, db_error_line, key_text
 
 __all__ = ["Bound", "SchemaProblem", "Source", "SourceError", "TableReader", "prefetched"]
 

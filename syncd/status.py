@@ -22,7 +22,8 @@ import sqlalchemy as sa
 
 from syncd.config import Config, SecretFileError
 from syncd.source import Source, SourceError
-from syncd.state import Cursor, StateStore, SyncStatus, db_error_line, display_value
+from syncd.state import StateError, StateStore
+from syncd.values import Cursor, SyncStatus, display_value
 
 __all__ = [
     "StateUnavailable",
@@ -69,13 +70,13 @@ def open_existing_state(config: Config) -> StateStore:
         raise StateUnavailable(message, missing=True)
     try:
         state = StateStore(config.state.url)
-    except ValueError as error:
-        raise StateUnavailable(str(error)) from None
+    except StateError as error:
+        raise StateUnavailable(f"state database {shown}: {error.reason}") from None
     try:
         revision = state.schema_revision()
-    except (sa.exc.DBAPIError, OSError) as error:
+    except StateError as error:
         state.close()
-        raise StateUnavailable(f"state database {shown}: {db_error_line(error)}") from None
+        raise StateUnavailable(f"state database {shown}: {error.reason}") from None
     if revision is None:
         state.close()
         raise StateUnavailable(
@@ -97,8 +98,8 @@ def collect_status(
     state = open_existing_state(config)
     try:
         known = {row.name: row for row in state.status()}
-    except sa.exc.DBAPIError as error:
-        raise StateUnavailable(f"state database: {db_error_line(error)}; is it migrated (`syncd migrate`)?") from None
+    except StateError as error:
+        raise StateUnavailable(f"state database: {error.reason}; is it migrated (`syncd migrate`)?") from None
     finally:
         state.close()
     sources: dict[str, Source] = {}
