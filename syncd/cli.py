@@ -281,6 +281,7 @@ def _once(args: argparse.Namespace) -> int:
     _require_secrets(config, names)
     from syncd.cycle import CycleReport
     from syncd.progress import ProgressDisplay
+    from syncd.values import CycleOutcome
 
     display = ProgressDisplay.for_terminal(sys.stderr, enabled=not args.no_progress)
     runtime = _open_runtime(config, on_progress=display.update)
@@ -295,7 +296,7 @@ def _once(args: argparse.Namespace) -> int:
                 from syncd.logs import get_logger, scrub
 
                 get_logger("syncd.cli").error("sync_crashed", sync=name, exc_info=True)
-                reports[name] = CycleReport(name, outcome="failing", error=f"{type(error).__name__}: {scrub(str(error))}")
+                reports[name] = CycleReport(name, outcome=CycleOutcome.FAILING, error=f"{type(error).__name__}: {scrub(str(error))}")
 
         with display.showing({name: runtime.runners[name] for name in names}):
             # One thread per sync: a slow or failing sync does not hold up the others.
@@ -314,11 +315,13 @@ def _once(args: argparse.Namespace) -> int:
         if report.error:
             line += f" ({report.error})"
         print(line)
-        failed |= report.outcome not in ("ok", "paused")
+        failed |= report.outcome not in (CycleOutcome.OK, CycleOutcome.PAUSED)
     return EXIT_FAILED if failed else EXIT_OK
 
 
 def _reconcile(args: argparse.Namespace) -> int:
+    from syncd.values import CycleOutcome
+
     config = _load(args)
     names = _selected(config, args.sync)
     _require_secrets(config, names)
@@ -332,7 +335,7 @@ def _reconcile(args: argparse.Namespace) -> int:
                 f"unchanged {report.unchanged}, dead-lettered {report.dead_lettered}"
                 + (f" ({report.error})" if report.error else "")
             )
-            failed |= report.outcome not in ("ok", "paused")
+            failed |= report.outcome not in (CycleOutcome.OK, CycleOutcome.PAUSED)
     return EXIT_FAILED if failed else EXIT_OK
 
 

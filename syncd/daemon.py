@@ -74,6 +74,7 @@ from syncd.metrics import MetricsServer
 from syncd.notify import SystemdNotifier
 from syncd.runtime import Runtime
 from syncd.source import Source
+from syncd.values import CycleKind
 
 __all__ = ["run_daemon"]
 
@@ -271,7 +272,7 @@ class ProgressLog:
         log.info("progress", **fields)
 
     def _remaining(self, report: CycleReport, progress: _Progress) -> int | None:
-        if progress.kind != "sync":
+        if progress.kind != CycleKind.SYNC:
             return None  # a reconcile reads the whole table; its size is not a backlog
         if progress.remaining_at is None:
             runner = self._runners().get(report.sync)
@@ -367,9 +368,6 @@ class _Slot:
     @property
     def name(self) -> str:
         return self.sync.name
-
-
-_STATE_OF_OUTCOME = {"ok": "ok", "paused": "paused", "auth_error": "auth_error", "skipped": "standby"}
 
 
 class Daemon:
@@ -549,7 +547,7 @@ class Daemon:
         self.scheduler.add_job(
             self._run_job,
             sync_trigger(sync),
-            args=(slot, "sync"),
+            args=(slot, CycleKind.SYNC),
             id=f"sync:{sync.name}",
             name=f"sync {sync.name}",
             executor=self._executor,
@@ -564,7 +562,7 @@ class Daemon:
         self.scheduler.add_job(
             self._run_job,
             trigger,
-            args=(slot, "reconcile"),
+            args=(slot, CycleKind.RECONCILE),
             id=f"reconcile:{sync.name}",
             name=f"reconcile {sync.name}",
             executor=self._executor,
@@ -576,7 +574,7 @@ class Daemon:
         if self.scheduler.get_job(job_id) is not None:
             self.scheduler.remove_job(job_id)
 
-    def _run_job(self, slot: _Slot, kind: str) -> None:
+    def _run_job(self, slot: _Slot, kind: CycleKind) -> None:
         """One scheduled run; never raises, so nothing a sync does reaches the scheduler."""
         if not self._acquire(slot, kind):
             return
@@ -586,8 +584,8 @@ class Daemon:
             self._swap_pending(slot)
             self.progress.begin(slot.name, kind)
             runner = self.runtime.runners[slot.name]
-            report = runner.run_cycle() if kind == "sync" else runner.reconcile()
-            slot.state = _STATE_OF_OUTCOME.get(report.outcome, "failing")
+            report = runner.run_cycle() if kind is CycleKind.SYNC else runner.reconcile()
+            slot.state = state.stored if (state := report.outcome.state) else "standby"  # skipped: another syncd runs it
             slot.last_cycle_at = datetime.now(UTC)
         except Exception:
             slot.state = "failing"
@@ -595,8 +593,8 @@ class Daemon:
         finally:
             slot.lock.release()
 
-    def _acquire(self, slot: _Slot, kind: str) -> bool:
-        if kind == "sync":
+    def _acquire(self, slot: _Slot, kind: CycleKind) -> bool:
+        if kind is CycleKind.SYNC:
             # The reconcile (or a reload swapping the runner) has it: it is pushing
             # everything anyway, and the next interval comes soon.
             return slot.lock.acquire(blocking=False)

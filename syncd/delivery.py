@@ -30,7 +30,7 @@ import structlog
 
 from syncd.config import LEASE_MARGIN_S, ApiConfig, SecretFileError, read_secret_file
 from syncd.errors import StateError, SyncdError
-from syncd.values import PushRecord, utcnow
+from syncd.values import CycleKind, PushOutcome, PushRecord, utcnow
 
 __all__ = [
     "Ack",
@@ -85,11 +85,11 @@ class ApiError(SyncdError):
         self.http_status = http_status
         self.api_code = api_code
 
-    outcome = "failed"
+    outcome = PushOutcome.FAILED
 
 
 class RetryableError(ApiError):
-    outcome = "retry"
+    outcome = PushOutcome.RETRY
 
 
 class ThrottledError(RetryableError):
@@ -99,15 +99,15 @@ class ThrottledError(RetryableError):
 
 
 class AuthError(ApiError):
-    outcome = "auth_error"
+    outcome = PushOutcome.AUTH_ERROR
 
 
 class ConfigurationError(ApiError):
-    outcome = "config_error"
+    outcome = PushOutcome.CONFIG_ERROR
 
 
 class RejectedError(ApiError):
-    outcome = "rejected"
+    outcome = PushOutcome.REJECTED
 
 
 def classify(response: httpx.Response) -> Ack:
@@ -359,7 +359,7 @@ class Deliverer:
         client: ApiClient,
         config: ApiConfig,
         *,
-        kind: str = "sync",
+        kind: CycleKind = CycleKind.SYNC,
         sleep: Callable[[float], None] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         fence: Fence | None = None,
@@ -480,7 +480,7 @@ class Deliverer:
             record_count=count,
             attempt=attempt,
             duration_ms=(time.perf_counter() - clock) * 1000,
-            outcome="ack",
+            outcome=PushOutcome.ACK,
         )
         if ack is not None:
             record.http_status, record.api_code, record.description = ack.http_status, 0, ack.description

@@ -27,7 +27,17 @@ import orjson
 import sqlalchemy as sa
 
 from syncd.errors import LeaseHeldError, LeaseLost, StateError
-from syncd.values import Cursor, DeadLetter, PushRecord, SyncStatus, db_error_line, utcnow
+from syncd.values import (
+    STORED_STATES,
+    Cursor,
+    DeadLetter,
+    PushOutcome,
+    PushRecord,
+    SyncState,
+    SyncStatus,
+    db_error_line,
+    utcnow,
+)
 
 __all__ = [
     "Lease",
@@ -35,10 +45,8 @@ __all__ = [
     "LeaseLost",
     "StateError",
     "StateStore",
-    "SYNC_STATES",
 ]
 
-SYNC_STATES = ("ok", "failing", "auth_error", "paused", "never_run")
 SCHEMA_REVISION = "0004"  # the newest migration; tests/test_state.py checks it against Alembic's head
 APPLICATION_NAME = "syncd"  # as source.py names its sessions
 DEFAULT_LEASE = timedelta(seconds=60)  # [state] lease's default (config.py)
@@ -264,7 +272,8 @@ def decode_value(text: str | None) -> Any:
     value = orjson.loads(text)
     if isinstance(value, dict):
         ((kind, raw),) = value.items()
-        return {"datetime": datetime.fromisoformat, "date": date.fromisoformat, "decimal": Decimal}[kind](raw)
+        decode: dict[str, Callable[[str], Any]] = {"datetime": datetime.fromisoformat, "date": date.fromisoformat, "decimal": Decimal}
+        return decode[kind](raw)
     return value
 
 
@@ -349,7 +358,7 @@ class StateStore:
                 if name not in existing:
                     conn.execute(
                         insert(syncs_table)
-                        .values(name=name, state="never_run", records_sent=0, created_at=utcnow())
+                        .values(name=name, state=SyncState.NEVER_RUN, records_sent=0, created_at=utcnow())
                         .on_conflict_do_nothing(index_elements=["name"])
                     )
 
@@ -469,18 +478,18 @@ class StateStore:
     def set_state(
         self,
         sync: str,
-        state: str,
+        state: SyncState,
         *,
         error: str | None = None,
         ran: bool = True,
         backlog: int | None = None,
     ) -> None:
-        assert state in SYNC_STATES, state
+        assert state in STORED_STATES, state
         now = utcnow()
         values: dict[str, Any] = {"state": state, "last_error": error}
         if ran:
             values["last_run_at"] = now
-        if state == "ok" and ran:
+        if state is SyncState.OK and ran:
             values["last_success_at"] = now
         if backlog is not None:
             values["backlog"] = backlog
@@ -592,7 +601,7 @@ class StateStore:
             if cursor is not None:
                 values["watermark"] = encode_value(cursor.watermark)
                 values["watermark_key"] = encode_value(cursor.key)
-            acked_count = sum(p.record_count for p in pushes if p.outcome == "ack")
+            acked_count = sum(p.record_count for p in pushes if p.outcome == PushOutcome.ACK)
             if acked_count:
                 values["records_sent"] = syncs_table.c.records_sent + acked_count
             if progress is not None:
@@ -760,7 +769,7 @@ class StateStore:
         return [
             SyncStatus(
                 name=row.name,
-                state=row.state,
+                state=SyncState(row.state),
                 watermark=decode_value(row.watermark),
                 watermark_key=decode_value(row.watermark_key),
                 last_run_at=_aware(row.last_run_at),
@@ -790,7 +799,7 @@ class StateStore:
         if since is not None:
             query = query.where(pushes_table.c.sent_at >= since)
         if failed:
-            query = query.where(pushes_table.c.outcome != "ack")
+            query = query.where(pushes_table.c.outcome != PushOutcome.ACK)
         with self._connection("reading pushes") as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
 
@@ -1049,11 +1058,11 @@ _TIMEOUTS = {  # PostgreSQL SQLSTATEs of the bounds set in postgres_session_sett
 @contextmanager
 def _state_errors(doing: str, *also: type[Exception]) -> Iterator[None]:
     """State database errors (SQLAlchemy's, and `also`) as one-line `StateError`s naming what was being done."""
+    failures: tuple[type[Exception], ...] = (sa.exc.SQLAlchemyError, *also)
     try:
         yield
-    except (sa.exc.SQLAlchemyError, *also) as error:
-        original = getattr(error, "orig", None) or error
-        code = getattr(original, "sqlstate", None)
+    except failures as error:
+        code = str(getattr(getattr(error, "orig", None) or error, "sqlstate", None))
         raise StateError(doing, _TIMEOUTS.get(code) or db_error_line(error)) from None
 
 

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from syncd.config import Config, SecretFileError
 from syncd.source import Source, SourceError
 from syncd.state import StateError, StateStore
-from syncd.values import Cursor, SyncStatus, display_value
+from syncd.values import Cursor, PushOutcome, SyncState, SyncStatus, display_value
 
 __all__ = [
     "StateUnavailable",
@@ -36,7 +36,7 @@ __all__ = [
     "state_path",
 ]
 
-HEALTHY_STATES = ("ok", "paused", "never_run", "running")
+HEALTHY_STATES = (SyncState.OK, SyncState.PAUSED, SyncState.NEVER_RUN, SyncState.RUNNING)
 EXIT_HEALTHY, EXIT_UNREADABLE, EXIT_UNHEALTHY = 0, 1, 3
 
 
@@ -139,7 +139,7 @@ def _entry(name: str, row: SyncStatus | None, backlog: int | None, *, paused: bo
     if row is None:
         return {
             "name": name,
-            "state": "paused" if paused else "never_run",
+            "state": SyncState.PAUSED if paused else SyncState.NEVER_RUN,
             "watermark": None,
             "last_run_at": None,
             "last_error": None,
@@ -152,10 +152,10 @@ def _entry(name: str, row: SyncStatus | None, backlog: int | None, *, paused: bo
             "owner": None,
             "last_success_at": None,
         }
-    state = "running" if row.running and row.state == "never_run" else row.state
+    state = SyncState.RUNNING if row.running and row.state is SyncState.NEVER_RUN else row.state
     return {
         "name": name,
-        "state": "paused" if paused else state,
+        "state": SyncState.PAUSED if paused else state,
         "watermark": display_value(row.watermark),
         "last_run_at": _iso(row.last_run_at),
         "last_error": row.last_error,
@@ -246,7 +246,7 @@ def render_pushes(rows: list[dict[str, Any]], width: int = 80) -> str:
         )
         detail = [f"{push['kind']}, attempt {push['attempt']}, {push['duration_ms']:,.0f} ms"]
         detail += [f"{name} {push[name]}" for name in ("trans_id", "correlation_id") if push[name]]
-        if push["description"] and push["outcome"] != "ack":
+        if push["description"] and push["outcome"] != PushOutcome.ACK:
             detail.append(push["description"])
         lines += textwrap.wrap(head, width, subsequent_indent="    ")
         lines += textwrap.wrap("; ".join(detail), width, initial_indent="    ", subsequent_indent="    ")

@@ -10,18 +10,77 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from enum import StrEnum
 from typing import Any
 
 __all__ = [
+    "STORED_STATES",
+    "CycleKind",
+    "CycleOutcome",
     "Cursor",
     "DeadLetter",
+    "PushOutcome",
     "PushRecord",
+    "SyncState",
     "SyncStatus",
     "db_error_line",
     "display_value",
     "key_text",
     "utcnow",
 ]
+
+
+class SyncState(StrEnum):
+    """Where a sync stands: the `syncs.state` column, `status` and `syncd_sync_state`."""
+
+    OK = "ok"
+    FAILING = "failing"
+    AUTH_ERROR = "auth_error"  # the API refuses the key: every sync waits for a working one
+    CONFIG_ERROR = "config_error"  # HTTP 405: stopped until a reload; stored as failing
+    PAUSED = "paused"
+    NEVER_RUN = "never_run"
+    RUNNING = "running"  # `status` only: a never_run sync whose first cycle runs now
+
+    @property
+    def stored(self) -> SyncState:
+        """What the state database records for this state."""
+        return SyncState.FAILING if self is SyncState.CONFIG_ERROR else self
+
+
+STORED_STATES = frozenset({SyncState.OK, SyncState.FAILING, SyncState.AUTH_ERROR, SyncState.PAUSED, SyncState.NEVER_RUN})
+
+
+class CycleKind(StrEnum):
+    SYNC = "sync"  # the changes since the watermark
+    RECONCILE = "reconcile"  # every row, compared with what was acknowledged
+    RETRY = "retry"  # `dead-letters retry`: the current rows of given keys
+
+
+class CycleOutcome(StrEnum):
+    """How one cycle ended (`CycleReport.outcome`)."""
+
+    OK = "ok"
+    FAILING = "failing"
+    AUTH_ERROR = "auth_error"
+    CONFIG_ERROR = "config_error"
+    PAUSED = "paused"
+    SKIPPED = "skipped"  # another syncd holds the lease, or it was lost mid-cycle
+
+    @property
+    def state(self) -> SyncState | None:
+        """The sync state this outcome leaves; None when the cycle did not run here (skipped)."""
+        return None if self is CycleOutcome.SKIPPED else SyncState(self.value)
+
+
+class PushOutcome(StrEnum):
+    """What the API answered one request (`pushes.outcome`)."""
+
+    ACK = "ack"
+    RETRY = "retry"  # throttled or failed in passing: sent again
+    REJECTED = "rejected"  # the records cannot be accepted: dead letters
+    AUTH_ERROR = "auth_error"
+    CONFIG_ERROR = "config_error"
+    FAILED = "failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,12 +95,12 @@ class Cursor:
 class PushRecord:
     """One HTTP request to the API and what it answered."""
 
-    kind: str  # sync | reconcile | retry
+    kind: CycleKind
     sent_at: datetime
     record_count: int
     attempt: int
     duration_ms: float
-    outcome: str  # ack | retry | rejected | auth_error | config_error | failed
+    outcome: PushOutcome
     http_status: int | None = None
     api_code: int | None = None
     description: str | None = None
@@ -73,7 +132,7 @@ class SyncStatus:
     """Where one sync stands, as the state database records it."""
 
     name: str
-    state: str
+    state: SyncState
     watermark: Any
     watermark_key: Any
     last_run_at: datetime | None
