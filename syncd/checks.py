@@ -68,7 +68,7 @@ def run_checks(config: Config, path: Path) -> Iterator[CheckLine]:
 def _check_state(config: Config) -> Iterator[CheckLine]:
     from syncd.status import state_path
 
-    url = sa.make_url(config.state.url).render_as_string(hide_password=True)
+    url = config.state.display_url()
     path = state_path(config)
     if path is not None and not path.is_file():  # checking must not create it
         yield CheckLine("warning", "state", f"no state database at {path} yet; `syncd migrate`, `run` or `once` create it")

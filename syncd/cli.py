@@ -242,7 +242,7 @@ def _open_runtime(config: Config, **kwargs: Any):  # type: ignore[no-untyped-def
     try:
         return Runtime.open(config, **kwargs)
     except StateError as error:
-        raise CommandError(f"state database {_safe_url(config.state.url)}: {error.reason}") from None
+        raise CommandError(f"state database {config.state.display_url()}: {error.reason}") from None
 
 
 def _existing_state(config: Config):  # type: ignore[no-untyped-def]
@@ -253,12 +253,6 @@ def _existing_state(config: Config):  # type: ignore[no-untyped-def]
         return open_existing_state(config)
     except StateUnavailable as error:
         raise CommandError(str(error)) from None
-
-
-def _safe_url(url: str) -> str:
-    import sqlalchemy as sa
-
-    return sa.make_url(url).render_as_string(hide_password=True)
 
 
 def _print_json(data: Any) -> None:
@@ -447,7 +441,7 @@ def _migrate(args: argparse.Namespace) -> int:
     config = _load(args)
     with _open_runtime(config) as runtime:
         current = runtime.state.schema_is_current()
-    print(f"state database {_safe_url(config.state.url)} is " + ("up to date" if current else "NOT up to date"))
+    print(f"state database {config.state.display_url()} is " + ("up to date" if current else "NOT up to date"))
     return EXIT_OK if current else EXIT_FAILED
 
 

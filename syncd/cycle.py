@@ -47,7 +47,7 @@ from syncd.delivery import (
 from syncd.mapping import MappedRows, Mapping, compile_mapping, digest_target, map_rows
 from syncd.metrics import Metrics
 from syncd.offload import Offload
-from syncd.source import Bound, SourceError, TableReader, prefetched
+from syncd.source import Bound, SourceError, TableReader, bound_before, prefetched, shift_bound
 from syncd.errors import LeaseHeldError, LeaseLost, StateError
 from syncd.state import Lease, StateStore
 from syncd.values import (
@@ -239,15 +239,15 @@ class SyncRunner:
         if first.outcome != CycleOutcome.OK or not isinstance(first.bound, (datetime, date, str)):
             return first
         # From the source's clock, not the bound: an open transaction may hold the bound back.
-        target = _add(first.settled if first.settled is not None else first.bound, self.sync.settle)
+        target = shift_bound(first.settled if first.settled is not None else first.bound, self.sync.settle)
         report = first
         deadline = time.monotonic() + self.sync.settle.total_seconds() + 60
-        while _before(report.bound, target) and time.monotonic() < deadline and not self.should_stop():
+        while bound_before(report.bound, target) and time.monotonic() < deadline and not self.should_stop():
             sleep(min(max(self.sync.settle.total_seconds(), 0.05), 5))
             report = _merge(report, self.run_cycle())
             if report.outcome != CycleOutcome.OK:
                 break
-        if report.outcome == CycleOutcome.OK and _before(report.bound, target):
+        if report.outcome == CycleOutcome.OK and bound_before(report.bound, target):
             log.warning(
                 "not_caught_up",
                 sync=self.sync.name,
@@ -934,16 +934,6 @@ def _answered(
         pending[0][0].result()  # wait
         answered.append(pending.popleft())
     return answered
-
-
-def _add(value: Any, delta: timedelta) -> Any:
-    if isinstance(value, str):  # SQLite's canonical text form
-        return (datetime.fromisoformat(value) + delta).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-    return value + delta
-
-
-def _before(value: Any, target: Any) -> bool:
-    return value is not None and value < target
 
 
 def _merge(total: CycleReport, more: CycleReport) -> CycleReport:

@@ -34,8 +34,8 @@ Reload (SIGHUP) applies live: syncs added, removed or changed (mapping, schedule
 table, anything; a changed sync gets a new runner, swapped in between cycles, and
 runs at once), sources (syncs using a changed source are rebuilt), the `[api]`
 batching, concurrency, retry and rate settings, `[log]` and `drain_timeout`. It does
-not apply `[state]`, `[metrics] listen` or `[api]` url / token / token_file /
-timeout_s: those hold connections, a listening socket or secrets (systemd
+not apply `RESTART_KEYS` (the state database, the metrics socket, the API's url,
+credentials and timeout): those hold connections, a listening socket or secrets (systemd
 credentials are fixed for the life of the process anyway). The daemon logs
 `reload_needs_restart` naming those keys and keeps running on their old values.
 """
@@ -329,25 +329,28 @@ def jobs_needed(config: Config) -> int:
 # ---------------------------------------------------------------------------- reload
 
 
+# What a reload does not apply (the module docstring says why): a whole section, or one key of it.
 RESTART_KEYS = ("state", "metrics.listen", "api.url", "api.token", "api.token_file", "api.timeout_s")
 
 
 def effective_config(running: Config, loaded: Config) -> tuple[Config, list[str]]:
-    """`loaded` with the restart-only settings kept at their running values, and the
-    keys of those that differ (the operator must restart to apply them)."""
+    """`loaded` with the RESTART_KEYS kept at their running values, and the keys of those
+    that differ (the operator must restart to apply them)."""
     needs_restart = []
-    if running.state != loaded.state:
-        needs_restart.append("state")
-    if running.metrics.listen != loaded.metrics.listen:
-        needs_restart.append("metrics.listen")
-    kept = {}
-    for name in ("url", "token", "token_file", "timeout_s"):
-        if getattr(running.api, name) != getattr(loaded.api, name):
-            needs_restart.append(f"api.{name}")
-        kept[name] = getattr(running.api, name)
-    api = loaded.api.model_copy(update=kept)
-    config = loaded.model_copy(update={"state": running.state, "metrics": running.metrics, "api": api})
-    return config, needs_restart
+    kept: dict[str, dict[str, Any]] = {}  # section -> {key: running value}; "" for the whole section
+    for restart_key in RESTART_KEYS:
+        section, _, key = restart_key.partition(".")
+        was, now = getattr(running, section), getattr(loaded, section)
+        if key:
+            was, now = getattr(was, key), getattr(now, key)
+        if was != now:
+            needs_restart.append(restart_key)
+        kept.setdefault(section, {})[key] = was
+    update = {
+        section: values[""] if "" in values else getattr(loaded, section).model_copy(update=values)
+        for section, values in kept.items()
+    }
+    return loaded.model_copy(update=update), needs_restart
 
 
 # ---------------------------------------------------------------------------- the daemon

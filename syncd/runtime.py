@@ -11,7 +11,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
-from syncd.config import Config, SyncConfig
+from syncd.config import Config, SecretFileError, SyncConfig, read_secret_file
 from syncd.cycle import CycleReport, SyncRunner
 from syncd.delivery import ApiClient, RateLimiter, SharedRateLimiter, TokenSource
 from syncd.logs import register_secret
@@ -124,6 +124,6 @@ def _register_secrets(config: Config) -> None:
             register_secret(str(password))
         if source.password_file is not None:
             try:
-                register_secret(source.password_file.read_text().strip())
-            except OSError:
-                pass  # reported when the source connects
+                register_secret(read_secret_file(source.password_file, "password_file"))
+            except SecretFileError:
+                pass  # reported, by its key, when the source connects

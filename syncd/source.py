@@ -37,7 +37,7 @@ from syncd.config import ChangeFeed, SecretFileError, SourceConfig, SyncConfig
 from syncd.errors import SyncdError
 from syncd.values import Cursor, db_error_line, key_text
 
-__all__ = ["Bound", "SchemaProblem", "Source", "SourceError", "TableReader", "prefetched"]
+__all__ = ["Bound", "SchemaProblem", "Source", "SourceError", "TableReader", "bound_before", "prefetched", "shift_bound"]
 
 log = structlog.get_logger(__name__)
 
@@ -597,7 +597,7 @@ class TableReader:
         if self.dialect == "sqlite":
             if not isinstance(value, datetime):
                 value = datetime.combine(value, datetime.min.time())
-            return value.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+            return _sqlite_text(value)
         return value
 
     # -- reading
@@ -907,6 +907,23 @@ def prefetched(items: Iterator[_T], depth: int = 2) -> Iterator[_T]:
             close()
 
 
+def shift_bound(value: Any, delta: timedelta) -> Any:
+    """A bound or watermark (a datetime, a date, or SQLite's text) moved by `delta`, spelled alike."""
+    if isinstance(value, str):  # SQLite's canonical text form
+        return _sqlite_text(datetime.fromisoformat(value) + delta)
+    return value + delta
+
+
+def bound_before(value: Any, target: Any) -> bool:
+    """Whether a bound is short of `target`; None (a numeric watermark: no bound) never is."""
+    return value is not None and value < target
+
+
+def _sqlite_text(value: datetime) -> str:
+    """SQLite's canonical text of a time, which its TEXT columns compare as (milliseconds)."""
+    return value.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
 def _naive_in(instant: datetime, zone: tzinfo) -> datetime:
     return instant.astimezone(zone).replace(tzinfo=None)
 
@@ -1065,5 +1082,5 @@ def parse_watermark(reader: TableReader, text: str) -> Cursor:
     elif value.tzinfo is not None:  # an instant, told in the frame the column is written in
         value = value.replace(tzinfo=None) if zone == "session" else _naive_in(value, zone)  # type: ignore[arg-type]
     if reader.dialect == "sqlite":
-        return Cursor(value.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3], None)
+        return Cursor(_sqlite_text(value), None)
     return Cursor(value, None)

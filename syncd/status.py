@@ -58,7 +58,7 @@ def state_path(config: Config) -> Path | None:
 
 def open_existing_state(config: Config) -> StateStore:
     """A StateStore on a state database that exists and carries syncd's schema; creates nothing."""
-    shown = sa.make_url(config.state.url).render_as_string(hide_password=True)
+    shown = config.state.display_url()
     path = state_path(config)
     if path is not None and not path.is_file():
         message = f"no state database at {path}"
