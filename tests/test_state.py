@@ -167,6 +167,27 @@ def test_one_open_dead_letter_per_key_resolved_by_a_later_push(store):
     assert resolved.resolution == "delivered"
 
 
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_the_migrations_build_exactly_the_tables_state_py_describes(backend, tmp_path, request):
+    """state.py's metadata (what every query is written against) and the migrations (what
+    a database really has) are two spellings of one schema: Alembic finds no difference
+    between a freshly migrated database and the metadata, whatever the newest revision is."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from syncd.state import metadata
+
+    url = f"sqlite:///{tmp_path / 'state.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    store = StateStore(url)
+    store.migrate()
+    assert store.schema_is_current()
+    with store.engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
+        drift = compare_metadata(context, metadata)
+    store.close()
+    assert drift == []
+
+
 def test_migrations_run_from_the_built_wheel(tmp_path):
     """The wheel carries the Alembic environment: `syncd migrate` works from an install."""
     subprocess.run(
