@@ -34,8 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    handler: Callable[[argparse.Namespace], int] = args.handler
     try:
-        return args.handler(args)
+        return handler(args)
     except ConfigError as error:
         print(f"syncd: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -393,12 +394,12 @@ def _dead_letters(args: argparse.Namespace) -> int:
                 sys.stdout.write(dead_letters.render(letters))
             return EXIT_OK
         if args.action == "discard":
-            outcome = dead_letters.discard(runtime, args.sync, args.ids)
-            sys.stdout.write(outcome.summary())
-            return EXIT_OK if not outcome.not_open else EXIT_FAILED
-        outcome = dead_letters.retry(runtime, args.sync, args.ids)
-        print(outcome.summary())
-        return EXIT_OK if outcome.ok else EXIT_FAILED
+            discarded = dead_letters.discard(runtime, args.sync, args.ids)
+            sys.stdout.write(discarded.summary())
+            return EXIT_OK if not discarded.not_open else EXIT_FAILED
+        retried = dead_letters.retry(runtime, args.sync, args.ids)
+        print(retried.summary())
+        return EXIT_OK if retried.ok else EXIT_FAILED
 
 
 def _reset(args: argparse.Namespace) -> int:

@@ -44,16 +44,16 @@ from syncd.delivery import (
     Deliverer,
     DeliveryResult,
 )
+from syncd.errors import LeaseHeldError, LeaseLost, StateError
 from syncd.mapping import MappedRows, Mapping, compile_mapping, digest_target, map_rows
 from syncd.metrics import Metrics
 from syncd.offload import Offload
 from syncd.source import Bound, SourceError, TableReader, bound_before, prefetched, shift_bound
-from syncd.errors import LeaseHeldError, LeaseLost, StateError
 from syncd.state import Lease, StateStore
 from syncd.values import (
+    Cursor,
     CycleKind,
     CycleOutcome,
-    Cursor,
     DeadLetter,
     PushRecord,
     SyncState,
@@ -493,12 +493,12 @@ class SyncRunner:
                 if not fast:
                     yield self._prepare(read, cursor=None, refresh=True)
                     continue
-                rows, outside = self.reader.split(read)
-                keys = [key_text(row[0]) for row in rows]
+                in_model, outside = self.reader.split(read)
+                keys = [key_text(row[0]) for row in in_model]
                 stored = self.state.known_source_hashes(name, keys)
-                stale = [row for key, row in zip(keys, rows, strict=True) if stored.get(key) != hash_of(row)]
-                batch = self._prepare(stale, cursor=None, refresh=True) if stale else _Batch(cursor=None)
-                stale_keys = {key_text(row[0]) for row in stale}
+                changed = [row for key, row in zip(keys, in_model, strict=True) if stored.get(key) != hash_of(row)]
+                batch = self._prepare(changed, cursor=None, refresh=True) if changed else _Batch(cursor=None)
+                stale_keys = {key_text(row[0]) for row in changed}
                 batch.rows = len(read)
                 batch.unchanged_keys.extend(key for key in keys if key not in stale_keys)
                 self._left_filter(batch, outside)
@@ -929,7 +929,7 @@ def _answered(
     pending: deque[tuple[Future[DeliveryResult], _Batch]], *, wait_for_one: bool
 ) -> list[tuple[Future[DeliveryResult], _Batch]]:
     """The answered batches at the front of `pending`, in order (waiting for the first if asked)."""
-    answered = []
+    answered: list[tuple[Future[DeliveryResult], _Batch]] = []
     while pending and (pending[0][0].done() or (wait_for_one and not answered)):
         pending[0][0].result()  # wait
         answered.append(pending.popleft())

@@ -93,10 +93,7 @@ def preview(config: Config, sync: SyncConfig, *, limit: int = 20, keys: Sequence
     model = _Model(config, sync)
     try:
         cursor = state.cursor(sync.name) if state else None
-        if keys:
-            rows = model.by_keys(keys)
-        else:
-            rows = model.pending(cursor, limit)
+        rows = model.by_keys(keys) if keys else model.pending(cursor, limit)
         mapped = _mapped(rows, sync)
         known = state.known_digests(sync.name, mapped.keys) if state else {}
     except SourceError as error:
@@ -149,7 +146,7 @@ def inspect(config: Config, sync: SyncConfig, key: str) -> dict[str, Any]:
             "matches_current": None if acknowledged is None or digest is None else acknowledged == digest,
         }
         ids = state.dead_letter_ids(sync.name, key) if state else []
-        letters = list(state.dead_letters(sync.name, include_resolved=True, ids=ids)) if ids else []
+        letters = list(state.dead_letters(sync.name, include_resolved=True, ids=ids)) if state and ids else []
     except SourceError as error:
         raise ExplainError(str(error)) from None
     finally:

@@ -336,7 +336,8 @@ class StateStore:
         with self._connection("reading the schema revision") as conn:
             if not sa.inspect(conn).has_table("alembic_version"):
                 return None
-            return conn.scalar(sa.text("SELECT version_num FROM alembic_version"))
+            revision: str | None = conn.scalar(sa.text("SELECT version_num FROM alembic_version"))
+            return revision
 
     def schema_is_current(self) -> bool:
         from alembic.runtime.migration import MigrationContext
@@ -388,6 +389,7 @@ class StateStore:
         claimable = sa.or_(table.owner.is_(None), table.owner == self.owner, table.lease_until < self._now())
         if holder is not None and _dead_local_owner(holder):
             claimable = sa.or_(claimable, table.owner == holder)
+        where: sa.ColumnElement[bool]
         if self.postgres:
             free = sa.select(table.name).where(table.name == sync, claimable).with_for_update(skip_locked=True)
             where = table.name.in_(free.scalar_subquery())
@@ -696,7 +698,7 @@ class StateStore:
 
     def removal_count(self, sync: str) -> int:
         with self._connection("reading removals") as conn:
-            return conn.scalar(sa.select(sa.func.count()).where(removals_table.c.sync == sync))
+            return conn.scalar(sa.select(sa.func.count()).where(removals_table.c.sync == sync)) or 0
 
     def removals(self, sync: str, keys: Sequence[str] | None = None) -> dict[str, tuple[datetime, str]]:
         """`key → (when, why)` of the keys that left the model (all of them, or of `keys`)."""
@@ -744,14 +746,14 @@ class StateStore:
             return query if sync is None else query.where(column == sync)
 
         with self._connection("reading the status") as conn:
-            open_letters = dict(
+            open_letters: dict[str, int] = dict(
                 conn.execute(
                     only(sa.select(dead_letters_table.c.sync, sa.func.count()), dead_letters_table.c.sync)
                     .where(dead_letters_table.c.resolved_at.is_(None))
                     .group_by(dead_letters_table.c.sync)
                 ).all()
             )
-            removed = dict(
+            removed: dict[str, int] = dict(
                 conn.execute(
                     only(sa.select(removals_table.c.sync, sa.func.count()), removals_table.c.sync).group_by(
                         removals_table.c.sync
@@ -805,10 +807,13 @@ class StateStore:
 
     def open_dead_letter_count(self, sync: str) -> int:
         with self._connection("reading dead letters") as conn:
-            return conn.scalar(
-                sa.select(sa.func.count()).where(
-                    dead_letters_table.c.sync == sync, dead_letters_table.c.resolved_at.is_(None)
+            return (
+                conn.scalar(
+                    sa.select(sa.func.count()).where(
+                        dead_letters_table.c.sync == sync, dead_letters_table.c.resolved_at.is_(None)
+                    )
                 )
+                or 0
             )
 
     def dead_letters(
@@ -1041,11 +1046,9 @@ def postgres_session_settings(url: sa.URL, lease: timedelta) -> dict[str, Any]:
 
 def _dialect_insert(engine: sa.Engine) -> Callable[..., Any]:
     """INSERT with ON CONFLICT for the state database's dialect."""
-    if engine.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    return postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
 
 
 _TIMEOUTS = {  # PostgreSQL SQLSTATEs of the bounds set in postgres_session_settings

@@ -17,9 +17,9 @@ import sqlalchemy as sa
 
 from syncd.cli import main
 from syncd.config import load_config
+from syncd.errors import LeaseHeldError, LeaseLost, StateError
 from syncd.runtime import Runtime
 from syncd.simulator import SimulatorConfig, start_in_thread
-from syncd.errors import LeaseHeldError, LeaseLost, StateError
 from syncd.state import Lease, StateStore
 from syncd.status import StateUnavailable, collect_status
 
@@ -114,7 +114,7 @@ def test_an_owner_paused_past_its_lease_sends_nothing_when_it_resumes(crm, api, 
     first.signal(signal.SIGSTOP)
     api.set_faults(stall_rate=0.0)
     crm.update(range(1, 601), bump=False, first_name="After", updated_at=old(crm, 2))
-    second = daemons(scale_out_config(tmp_path / "b", crm, api, token=OTHER_TOKEN, batch=50))
+    daemons(scale_out_config(tmp_path / "b", crm, api, token=OTHER_TOKEN, batch=50))
     wait_for(
         lambda: set(stored_names(api).values()) == {"After"} and len(stored_names(api)) == 600,
         timeout=60,

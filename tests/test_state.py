@@ -21,10 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def store(request, tmp_path):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'state.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
+    url = f"sqlite:///{tmp_path / 'state.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
     store = StateStore(url)
     store.migrate()
     store.ensure_syncs(["contacts"])
