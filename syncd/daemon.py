@@ -72,7 +72,7 @@ from syncd.cycle import CycleReport, SyncRunner
 from syncd.logs import configure_logging, get_logger
 from syncd.metrics import MetricsServer
 from syncd.notify import SystemdNotifier
-from syncd.runtime import Runtime
+from syncd.runtime import Runtime, open_source
 from syncd.source import Source
 from syncd.values import CycleKind
 
@@ -645,8 +645,8 @@ class Daemon:
         old_sources = runtime.sources
         old_config = runtime.config
         runtime.sources = {
-            name: Source(name, source) if name in changed_sources else old_sources[name]
-            for name, source in config.sources.items()
+            name: open_source(config, name) if name in changed_sources else old_sources[name]
+            for name in config.sources
         }
         runtime.config = config  # runtime.runner() reads [api] and [state] from here
         current = {sync.name for sync in old.syncs}

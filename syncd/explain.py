@@ -22,7 +22,8 @@ import orjson
 from syncd.config import Config, SyncConfig
 from syncd.errors import SyncdError
 from syncd.mapping import MappedRows, compile_mapping, digest_target, map_rows
-from syncd.source import Source, SourceError
+from syncd.runtime import open_source
+from syncd.source import SourceError
 from syncd.state import StateStore
 from syncd.status import StateUnavailable, open_existing_state
 from syncd.values import display_value, key_text
@@ -42,7 +43,7 @@ class _Model:
     """
 
     def __init__(self, config: Config, sync: SyncConfig) -> None:
-        self.source = Source(sync.source, config.sources[sync.source])
+        self.source = open_source(config, sync.source)
         self.reader = self.source.reader(sync)
         self.columns = sync.columns
 

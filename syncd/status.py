@@ -21,6 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from syncd.config import Config, SecretFileError
+from syncd.runtime import open_source, open_state
 from syncd.source import Source, SourceError
 from syncd.state import StateError, StateStore
 from syncd.values import Cursor, PushOutcome, SyncState, SyncStatus, display_value
@@ -69,7 +70,7 @@ def open_existing_state(config: Config) -> StateStore:
             )
         raise StateUnavailable(message, missing=True)
     try:
-        state = StateStore(config.state.url)
+        state = open_state(config)
     except StateError as error:
         raise StateUnavailable(f"state database {shown}: {error.reason}") from None
     try:
@@ -109,7 +110,7 @@ def collect_status(
         row = known.get(sync.name)
         backlog = row.backlog if row else None
         if live_backlog and sync.source not in failed_sources:
-            source = sources.setdefault(sync.source, Source(sync.source, config.sources[sync.source]))
+            source = sources.get(sync.source) or sources.setdefault(sync.source, open_source(config, sync.source))
             cursor = Cursor(row.watermark, row.watermark_key) if row and row.watermark is not None else None
             try:
                 backlog = source.reader(sync).backlog(cursor)

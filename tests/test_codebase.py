@@ -35,6 +35,21 @@ def test_value_types_and_errors_are_the_bottom_layer():
         assert "state" not in syncd_imports(module), f"syncd.{module} imports syncd.state"
 
 
+def test_config_becomes_connections_only_in_runtime():
+    """The state store, sources and API client are built by syncd/runtime.py alone (the
+    offload child, handed its source by the parent, is the exception it documents)."""
+    builders = {"StateStore", "Source", "ApiClient", "TokenSource"}
+    allowed = {"runtime", "offload"}
+    found = []
+    for path in sorted((ROOT / "syncd").glob("*.py")):
+        if path.stem in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in builders:
+                found.append(f"{path.name}:{node.lineno} {node.func.id}(...)")
+    assert not found, "built outside runtime.py: " + ", ".join(found)
+
+
 def run_tool(module: str, *args: str) -> subprocess.CompletedProcess[str]:
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"{module} is not installed (pip install -e '.[test]')")
