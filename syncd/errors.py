@@ -8,11 +8,18 @@ so a caller that only needs "syncd failed, and here is why" catches one class:
     ├── SecretFileError        a password_file or token_file cannot be read      config.py
     ├── SourceError            a source cannot be read as configured             source.py
     ├── StateError             the state database failed, said in one line       errors.py
-    ├── LeaseLost              another syncd runs this sync now                  errors.py
-    ├── LeaseHeldError         the lease is refused: held by `owner`             errors.py
-    ├── ApiError               the API answered a failure (retry/auth/split...)  delivery.py
+    ├── StateUnavailable       a read-only command finds no usable state db      status.py
+    ├── LeaseLost              this syncd lost the sync it was running           errors.py
+    ├── LeaseHeldError         the lease is refused: `owner` holds it            errors.py
+    ├── ApiError               the API answered a failure (a failed request)     delivery.py
+    │   ├── RetryableError     network, timeout, 5xx, a retry code: sent again
+    │   │   └── ThrottledError 429, with the Retry-After to wait
+    │   ├── AuthError          the key is refused: every sync waits for a new one
+    │   ├── ConfigurationError 405: the sync stops until a reload
+    │   └── RejectedError      the records cannot be accepted: split, then dead letters
     ├── RowRejected            one row cannot become a record (a dead letter)    mapping.py
     ├── ExplainError           preview / inspect cannot answer                   explain.py
+    ├── DemoDirectoryError     the demo's directory holds files it did not write demo.py
     └── CommandError           a command failed at run time (the CLI exits 1)    cli.py
 
 The state store's errors live here rather than in state.py: delivery and the cycle catch

@@ -21,6 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from syncd.config import Config, SecretFileError
+from syncd.errors import SyncdError
 from syncd.runtime import open_source, open_state
 from syncd.source import Source, SourceError
 from syncd.state import StateError, StateStore
@@ -41,7 +42,7 @@ HEALTHY_STATES = (SyncState.OK, SyncState.PAUSED, SyncState.NEVER_RUN, SyncState
 EXIT_HEALTHY, EXIT_UNREADABLE, EXIT_UNHEALTHY = 0, 1, 3
 
 
-class StateUnavailable(Exception):
+class StateUnavailable(SyncdError):
     """The state database cannot be read as it is; the message says why and what to do."""
 
     def __init__(self, message: str, *, missing: bool = False) -> None:
