@@ -321,8 +321,11 @@ class StateStore:
         if self._revision() == SCHEMA_REVISION:
             return  # every start of every command comes here: skip loading Alembic (~8 MB, ~0.1 s)
         from alembic import command
+        from alembic.util import CommandError
 
-        with migrating(), self._connection("migrating the schema", write=True) as conn:
+        # CommandError: a revision this syncd does not know, say (a newer syncd migrated the database).
+        doing = "migrating the schema"
+        with migrating(), _state_errors(doing, CommandError), self._connection(doing, write=True) as conn:
             if self.postgres:
                 # N daemons started at once on an empty database: one migrates, the others
                 # wait here, then find the schema current. Waiting is the point, so no timeouts.

@@ -134,6 +134,16 @@ def test_a_broken_state_database_is_a_one_line_state_error_from_every_method(tmp
     store.close()
 
 
+def test_a_state_database_migrated_by_a_newer_syncd_is_a_state_error(tmp_path):
+    store = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+    store.migrate()
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))
+    with pytest.raises(StateError, match="migrating the schema: Can't locate revision identified by '9999'"):
+        store.migrate()
+    store.close()
+
+
 def test_a_state_database_syncd_cannot_use_is_a_state_error(tmp_path):
     with pytest.raises(StateError, match="opening it: it must be SQLite or PostgreSQL, not mysql"):
         StateStore("mysql+pymysql://root@127.0.0.1/test")
