@@ -89,7 +89,7 @@ def run_trial(args: argparse.Namespace, fault: str) -> dict[str, Any]:
         seed(crm, args.rows)
         tmp = tempfile.mkdtemp(prefix="syncd-failover-")  # the daemons' logs stay there
         with start_in_thread(SimulatorConfig(tokens=TOKENS, key_attribute="accountid", latency_s=0.05)) as api:
-            configs = [write_config(Path(tmp) / name, url, api.url, token, args) for name, token in zip("ab", TOKENS)]
+            configs = [write_config(Path(tmp) / name, url, api.url, token, args) for name, token in zip("ab", TOKENS, strict=True)]
             daemons.append(start(configs[0]))
             wait(lambda: first_request(api, "key#1"), 60, "daemon A's first request")  # A holds the lease
             daemons.append(start(configs[1]))

@@ -31,20 +31,23 @@ def main(config_path: str, dsn: str, schema: str) -> None:
     )
     watch = Stopwatch()
     rows = 0
-    with psycopg.connect(dsn) as conn, api_client(job) as client:
-        with conn.cursor(name="limit") as cursor:  # named = server-side: memory stays flat
-            cursor.itersize = 5_000
-            cursor.execute(query)
-            with ThreadPoolExecutor(1) as sender:
-                on_wire: Future[None] | None = None
-                while chunk := cursor.fetchmany(BATCH):
-                    records = [mapping(row) for row in chunk]
-                    if on_wire is not None:
-                        on_wire.result()
-                    on_wire = sender.submit(post_batch, client, url, records)
-                    rows += len(chunk)
+    with (
+        psycopg.connect(dsn) as conn,
+        api_client(job) as client,
+        conn.cursor(name="limit") as cursor,  # named = server-side: memory stays flat
+    ):
+        cursor.itersize = 5_000
+        cursor.execute(query)
+        with ThreadPoolExecutor(1) as sender:
+            on_wire: Future[None] | None = None
+            while chunk := cursor.fetchmany(BATCH):
+                records = [mapping(row) for row in chunk]
                 if on_wire is not None:
                     on_wire.result()
+                on_wire = sender.submit(post_batch, client, url, records)
+                rows += len(chunk)
+            if on_wire is not None:
+                on_wire.result()
     emit(rows=rows, seconds=watch.elapsed())
 
 

@@ -291,7 +291,7 @@ def render(results: dict[str, Any]) -> str:
     syncd_rate = med(backfill["syncd"], "rows_per_s")
     ratios = [("syncd / limit", syncd_rate / med(backfill["limit"], "rows_per_s"), "≥ 0.6")]
     # The two run back to back in each round, so a round's ratio sees the same machine load.
-    paired = [s["rows_per_s"] / l["rows_per_s"] for s, l in zip(backfill["syncd"], backfill["limit"], strict=False)]
+    paired = [ours["rows_per_s"] / theirs["rows_per_s"] for ours, theirs in zip(backfill["syncd"], backfill["limit"], strict=False)]
     if len(paired) > 1:
         ratios.append(("syncd / limit, per round (median)", statistics.median(paired), "≥ 0.6"))
     if backfill["dlt"]:

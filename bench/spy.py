@@ -31,7 +31,8 @@ STAGES = {
     "source: read rows": "TableReader._chunks",
     "mapping: Mapping.__call__": "Mapping.__call__",
     "mapping:   e164": "to_e164",
-    "mapping: payload_digest": "payload_digest",
+    "mapping: encode_payload": "encode_payload",
+    "mapping: digest": "payload_digester.<locals>.digest",
     "cycle: submit to push pool": "ThreadPoolExecutor.submit",
 }
 SYNC_THREAD = {"once": "_once.<locals>.one", "reconcile": "_reconcile"}

@@ -18,8 +18,9 @@ from typing import Any
 import sqlalchemy as sa
 
 from syncd.config import Config, SecretFileError, config_warnings, read_secret_file
-from syncd.source import Source, SourceError, describe_db_error
-from syncd.state import StateStore, db_error_line
+from syncd.runtime import open_api, open_source, open_state
+from syncd.source import SourceError, describe_db_error
+from syncd.state import StateError
 
 __all__ = ["CheckLine", "probe_api", "run_checks"]
 
@@ -38,7 +39,7 @@ def run_checks(config: Config, path: Path) -> Iterator[CheckLine]:
     yield from _check_state(config)
     yield from _check_token(config)
     for name, source_config in config.sources.items():
-        source = Source(name, source_config)
+        source = open_source(config, name)
         try:
             with source.engine.connect() as conn:
                 conn.execute(sa.text("SELECT 1"))
@@ -68,20 +69,20 @@ def run_checks(config: Config, path: Path) -> Iterator[CheckLine]:
 def _check_state(config: Config) -> Iterator[CheckLine]:
     from syncd.status import state_path
 
-    url = sa.make_url(config.state.url).render_as_string(hide_password=True)
+    url = config.state.display_url()
     path = state_path(config)
     if path is not None and not path.is_file():  # checking must not create it
         yield CheckLine("warning", "state", f"no state database at {path} yet; `syncd migrate`, `run` or `once` create it")
         return
     try:
-        state = StateStore(config.state.url)
-    except ValueError as error:
-        yield CheckLine("error", "state", str(error))
+        state = open_state(config)
+    except StateError as error:
+        yield CheckLine("error", "state", f"{url}: {error.reason}")
         return
     try:
         current = state.schema_is_current()
-    except (sa.exc.DBAPIError, OSError) as error:
-        yield CheckLine("error", "state", f"{url}: {db_error_line(error)}")
+    except StateError as error:
+        yield CheckLine("error", "state", f"{url}: {error.reason}")
         return
     finally:
         state.close()
@@ -118,26 +119,24 @@ def probe_api(config: Config) -> Iterator[CheckLine]:
     ACK stores nothing.
     """
     from syncd.delivery import (
-        ApiClient,
         ApiError,
         AuthError,
         ConfigurationError,
         RateLimiter,
         RejectedError,
         ThrottledError,
-        TokenSource,
     )
 
     subject = "api"
     first = config.syncs[0] if config.syncs else None
     datastore_id, feed_id = (first.datastore_id, first.feed_id) if first else ("0", "0")
-    tokens = TokenSource(config.api)
+    client = open_api(config, RateLimiter(0))
     try:
-        tokens.get()
+        client.tokens.get()
     except AuthError:  # reported by the token check above
+        client.close()
         yield CheckLine("warning", subject, f"{config.api.url} not probed: no API key to probe with")
         return
-    client = ApiClient(config.api, tokens, RateLimiter(0))
     where = config.api.url
     try:
         ack = client.push(datastore_id, feed_id, [])

@@ -34,8 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    handler: Callable[[argparse.Namespace], int] = args.handler
     try:
-        return args.handler(args)
+        return handler(args)
     except ConfigError as error:
         print(f"syncd: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -236,18 +237,13 @@ def _require_secrets(config: Config, syncs: Sequence[str] | None = None, *, api:
 
 
 def _open_runtime(config: Config, **kwargs: Any):  # type: ignore[no-untyped-def]
-    import sqlalchemy as sa
-
+    from syncd.errors import StateError
     from syncd.runtime import Runtime
 
     try:
         return Runtime.open(config, **kwargs)
-    except sa.exc.OperationalError as error:
-        from syncd.state import db_error_line
-
-        raise CommandError(f"state database {_safe_url(config.state.url)}: {db_error_line(error)}") from None
-    except ValueError as error:
-        raise CommandError(str(error)) from None
+    except StateError as error:
+        raise CommandError(f"state database {config.state.display_url()}: {error.reason}") from None
 
 
 def _existing_state(config: Config):  # type: ignore[no-untyped-def]
@@ -258,12 +254,6 @@ def _existing_state(config: Config):  # type: ignore[no-untyped-def]
         return open_existing_state(config)
     except StateUnavailable as error:
         raise CommandError(str(error)) from None
-
-
-def _safe_url(url: str) -> str:
-    import sqlalchemy as sa
-
-    return sa.make_url(url).render_as_string(hide_password=True)
 
 
 def _print_json(data: Any) -> None:
@@ -286,6 +276,7 @@ def _once(args: argparse.Namespace) -> int:
     _require_secrets(config, names)
     from syncd.cycle import CycleReport
     from syncd.progress import ProgressDisplay
+    from syncd.values import CycleOutcome
 
     display = ProgressDisplay.for_terminal(sys.stderr, enabled=not args.no_progress)
     runtime = _open_runtime(config, on_progress=display.update)
@@ -300,7 +291,7 @@ def _once(args: argparse.Namespace) -> int:
                 from syncd.logs import get_logger, scrub
 
                 get_logger("syncd.cli").error("sync_crashed", sync=name, exc_info=True)
-                reports[name] = CycleReport(name, outcome="failing", error=f"{type(error).__name__}: {scrub(str(error))}")
+                reports[name] = CycleReport(name, outcome=CycleOutcome.FAILING, error=f"{type(error).__name__}: {scrub(str(error))}")
 
         with display.showing({name: runtime.runners[name] for name in names}):
             # One thread per sync: a slow or failing sync does not hold up the others.
@@ -319,11 +310,13 @@ def _once(args: argparse.Namespace) -> int:
         if report.error:
             line += f" ({report.error})"
         print(line)
-        failed |= report.outcome not in ("ok", "paused")
+        failed |= report.outcome not in (CycleOutcome.OK, CycleOutcome.PAUSED)
     return EXIT_FAILED if failed else EXIT_OK
 
 
 def _reconcile(args: argparse.Namespace) -> int:
+    from syncd.values import CycleOutcome
+
     config = _load(args)
     names = _selected(config, args.sync)
     _require_secrets(config, names)
@@ -337,7 +330,7 @@ def _reconcile(args: argparse.Namespace) -> int:
                 f"unchanged {report.unchanged}, dead-lettered {report.dead_lettered}"
                 + (f" ({report.error})" if report.error else "")
             )
-            failed |= report.outcome not in ("ok", "paused")
+            failed |= report.outcome not in (CycleOutcome.OK, CycleOutcome.PAUSED)
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -401,30 +394,32 @@ def _dead_letters(args: argparse.Namespace) -> int:
                 sys.stdout.write(dead_letters.render(letters))
             return EXIT_OK
         if args.action == "discard":
-            outcome = dead_letters.discard(runtime, args.sync, args.ids)
-            sys.stdout.write(outcome.summary())
-            return EXIT_OK if not outcome.not_open else EXIT_FAILED
-        outcome = dead_letters.retry(runtime, args.sync, args.ids)
-        print(outcome.summary())
-        return EXIT_OK if outcome.ok else EXIT_FAILED
+            discarded = dead_letters.discard(runtime, args.sync, args.ids)
+            sys.stdout.write(discarded.summary())
+            return EXIT_OK if not discarded.not_open else EXIT_FAILED
+        retried = dead_letters.retry(runtime, args.sync, args.ids)
+        print(retried.summary())
+        return EXIT_OK if retried.ok else EXIT_FAILED
 
 
 def _reset(args: argparse.Namespace) -> int:
     config = _load(args)
     sync = config.sync(args.sync)
     _require_secrets(config, [sync.name], api=False)
+    from syncd.errors import LeaseHeldError
     from syncd.source import SourceError, parse_watermark
-    from syncd.state import key_text
+    from syncd.values import key_text
 
     with _open_runtime(config) as runtime:
         # Holding the lease keeps a daemon from starting a cycle of this sync while we reset it.
-        if not runtime.state.acquire_lease(sync.name, config.state.lease) and not args.force:
-            owner, until = runtime.state.lease_holder(sync.name)
-            held = f" until {until:%Y-%m-%d %H:%M:%S} UTC" if until else ""
-            raise CommandError(
-                f"sync {sync.name} is held by {owner}{held} (a running syncd): stop it first, "
-                "or --force (the running syncd may then write its own watermark over the reset)"
-            )
+        try:
+            runtime.state.acquire_lease(sync.name, config.state.lease)
+        except LeaseHeldError as held:
+            if not args.force:
+                raise CommandError(
+                    f"{held} (a running syncd): stop it first, "
+                    "or --force (the running syncd may then write its own watermark over the reset)"
+                ) from None
         reader = runtime.runners[sync.name].reader
         try:
             try:
@@ -447,7 +442,7 @@ def _migrate(args: argparse.Namespace) -> int:
     config = _load(args)
     with _open_runtime(config) as runtime:
         current = runtime.state.schema_is_current()
-    print(f"state database {_safe_url(config.state.url)} is " + ("up to date" if current else "NOT up to date"))
+    print(f"state database {config.state.display_url()} is " + ("up to date" if current else "NOT up to date"))
     return EXIT_OK if current else EXIT_FAILED
 
 

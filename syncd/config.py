@@ -46,6 +46,7 @@ __all__ = [
     "SyncConfig",
     "load_config",
     "read_secret_file",
+    "safe_url",
 ]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
@@ -86,6 +87,11 @@ def read_secret_file(path: os.PathLike[str] | str, key: str) -> str:
         raise SecretFileError(key, path, "not UTF-8 text") from None
 
 
+def safe_url(url: str) -> str:
+    """A database URL as syncd shows it anywhere (errors, status, check): password masked."""
+    return sa.make_url(url).render_as_string(hide_password=True)
+
+
 def _parse_duration(value: Any) -> Any:
     if isinstance(value, str):
         match = _DURATION.match(value)
@@ -107,6 +113,9 @@ class _Strict(BaseModel):
 class StateConfig(_Strict):
     url: str = Field(default_factory=lambda: _default_state_url())
     lease: Duration = timedelta(seconds=60)  # scale-out: a sync's owner must renew within this
+
+    def display_url(self) -> str:
+        return safe_url(self.url)
 
 
 def _default_state_url() -> str:
@@ -194,7 +203,7 @@ class SourceConfig(_Strict):
         return url
 
     def display_url(self) -> str:
-        return sa.make_url(self.url.get_secret_value()).render_as_string(hide_password=True)
+        return safe_url(self.url.get_secret_value())
 
 
 def _field_spec(value: Any) -> Any:

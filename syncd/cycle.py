@@ -39,19 +39,20 @@ import structlog
 
 from syncd.config import ApiConfig, ChangeFeed, SyncConfig
 from syncd.delivery import AuthError, ConfigurationError, Deliverer, DeliveryResult, PushClient
+from syncd.errors import LeaseHeldError, LeaseLost, StateError
 from syncd.mapping import MappedRows, Mapping, compile_mapping, digest_target, map_rows
 from syncd.metrics import Metrics
 from syncd.offload import Offload
 from syncd.pipeline import Answer, BatchOutcome, CycleLease, Pipeline, handing_over
-from syncd.source import Bound, SchemaProblem, SourceError, prefetched
-from syncd.state import (
+from syncd.source import Bound, SchemaProblem, SourceError, bound_before, prefetched, shift_bound
+from syncd.values import (
     Cursor,
+    CycleKind,
+    CycleOutcome,
     DeadLetter,
-    LeaseLost,
     PushRecord,
-    StateError,
+    SyncState,
     SyncStatus,
-    db_error_line,
     display_value,
     key_text,
 )
@@ -84,10 +85,15 @@ class ModelReader(Protocol):
     """The model a sync reads (`source.TableReader`): rows hold `sync.columns`, the key first."""
 
     source: Any  # source.Source: `can_offload`, `name` and `config` start a child process
-    feeds: Sequence[tuple[ChangeFeed, FeedReader]]
-    key_is_unique: bool
-    hash_columns: tuple[str, ...]
-    source_hash_index: int | None
+
+    @property
+    def key_is_unique(self) -> bool: ...
+    @property
+    def feeds(self) -> Sequence[tuple[ChangeFeed, FeedReader]]: ...
+    @property
+    def hash_columns(self) -> tuple[str, ...]: ...
+    @property
+    def source_hash_index(self) -> int | None: ...
 
     def problems(self, *, probe_data: bool = True) -> Sequence[SchemaProblem]: ...
     def has_membership(self) -> bool: ...
@@ -108,7 +114,7 @@ class ModelReader(Protocol):
 class CycleState(Protocol):
     """What the cycle reads and writes in the state database (`state.StateStore`)."""
 
-    def acquire_lease(self, sync: str, ttl: timedelta) -> CycleLease | None: ...
+    def acquire_lease(self, sync: str, ttl: timedelta) -> CycleLease: ...  # or raises LeaseHeldError
     def lease_holder(self, sync: str) -> tuple[str | None, datetime | None]: ...
     def cursor(self, sync: str) -> Cursor | None: ...
     def feed_cursor(self, sync: str, feed: str) -> Cursor | None: ...
@@ -138,7 +144,9 @@ class CycleState(Protocol):
         returned: Sequence[str] = (),
         sent: Sequence[tuple[str, str]] = (),
     ) -> None: ...
-    def set_state(self, sync: str, state: str, *, error: str | None = None, backlog: int | None = None) -> None: ...
+    def set_state(
+        self, sync: str, state: SyncState, *, error: str | None = None, ran: bool = True, backlog: int | None = None
+    ) -> None: ...
     def sync_status(self, sync: str) -> SyncStatus | None: ...
 
 
@@ -147,8 +155,8 @@ class CycleReport:
     """What one cycle did; logged as one summary event and returned to the caller."""
 
     sync: str
-    kind: str = "sync"  # sync | reconcile | retry
-    outcome: str = "ok"  # ok | failing | auth_error | config_error | paused | skipped
+    kind: CycleKind = CycleKind.SYNC
+    outcome: CycleOutcome = CycleOutcome.OK
     rows_read: int = 0
     unchanged: int = 0
     sent: int = 0
@@ -176,7 +184,7 @@ class CycleReport:
     @property
     def idle(self) -> bool:
         """Nothing read, sent or failed: a quiet table's cycle, logged at debug only."""
-        return self.outcome in ("ok", "paused", "skipped") and not (self.rows_read or self.sent or self.dead_lettered)
+        return self.outcome in (CycleOutcome.OK, CycleOutcome.PAUSED, CycleOutcome.SKIPPED) and not (self.rows_read or self.sent or self.dead_lettered)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -265,12 +273,12 @@ class SyncRunner:
 
     def run_cycle(self) -> CycleReport:
         """Push everything changed since the watermark, up to the source's bound."""
-        return self._run("sync", self._changes)
+        return self._run(CycleKind.SYNC, self._changes)
 
     def reconcile(self) -> CycleReport:
         """Compare every row with what was last acknowledged and push the differences."""
-        report = self._run("reconcile", self._everything)
-        if report.outcome == "ok" and self._pass_complete:
+        report = self._run(CycleKind.RECONCILE, self._everything)
+        if report.outcome == CycleOutcome.OK and self._pass_complete:
             # Every stored fingerprint now belongs to the current mapping.
             self.state.set_mapping_hash(self.sync.name, self.mapping_hash)
         return report
@@ -300,7 +308,7 @@ class SyncRunner:
 
     def retry_keys(self, keys: list[str]) -> CycleReport:
         """Push the current rows of these keys (`dead-letters retry`); the watermark stays."""
-        return self._run("retry", lambda report: self._keyed(keys))
+        return self._run(CycleKind.RETRY, lambda report: self._keyed(keys))
 
     def run_until_caught_up(self, sleep: Callable[[float], None] = time.sleep) -> CycleReport:
         """Cycles until every change committed before this call has been handled (`once`).
@@ -309,18 +317,18 @@ class SyncRunner:
         `settle` has passed picks up what was written just before we started.
         """
         first = self.run_cycle()
-        if first.outcome != "ok" or not isinstance(first.bound, (datetime, date, str)):
+        if first.outcome != CycleOutcome.OK or not isinstance(first.bound, (datetime, date, str)):
             return first
         # From the source's clock, not the bound: an open transaction may hold the bound back.
-        target = _add(first.settled if first.settled is not None else first.bound, self.sync.settle)
+        target = shift_bound(first.settled if first.settled is not None else first.bound, self.sync.settle)
         report = first
         deadline = time.monotonic() + self.sync.settle.total_seconds() + 60
-        while _before(report.bound, target) and time.monotonic() < deadline and not self.should_stop():
+        while bound_before(report.bound, target) and time.monotonic() < deadline and not self.should_stop():
             sleep(min(max(self.sync.settle.total_seconds(), 0.05), 5))
             report = _merge(report, self.run_cycle())
-            if report.outcome != "ok":
+            if report.outcome != CycleOutcome.OK:
                 break
-        if report.outcome == "ok" and _before(report.bound, target):
+        if report.outcome == CycleOutcome.OK and bound_before(report.bound, target):
             log.warning(
                 "not_caught_up",
                 sync=self.sync.name,
@@ -331,43 +339,41 @@ class SyncRunner:
 
     # -- the cycle
 
-    def _run(self, kind: str, batches: Callable[[CycleReport], Iterator[_Batch]]) -> CycleReport:
+    def _run(self, kind: CycleKind, batches: Callable[[CycleReport], Iterator[_Batch]]) -> CycleReport:
         report = CycleReport(self.sync.name, kind=kind)
         started = time.perf_counter()
         with structlog.contextvars.bound_contextvars(sync=self.sync.name):
             try:
                 self._cycle(report, batches)
             except SourceError as error:
-                report.outcome, report.error = "failing", str(error)
-            except sa.exc.DBAPIError as error:  # the state database (the source's are SourceError)
-                report.outcome, report.error = "failing", f"state database: {db_error_line(error)}"
+                report.outcome, report.error = CycleOutcome.FAILING, str(error)
             except StateError as error:
-                report.outcome, report.error = "failing", str(error)
+                report.outcome, report.error = CycleOutcome.FAILING, str(error)
             except LeaseLost as error:  # what was read under it was dropped, not sent
-                report.outcome, report.error = "skipped", str(error)
+                report.outcome, report.error = CycleOutcome.SKIPPED, str(error)
             report.duration_s = time.perf_counter() - started
             self._finish(report)
         return report
 
     def _cycle(self, report: CycleReport, batches: Callable[[CycleReport], Iterator[_Batch]]) -> None:
         if self.sync.paused:
-            report.outcome = "paused"
+            report.outcome = CycleOutcome.PAUSED
             return
         if self.stopped:
-            report.outcome, report.error = "config_error", self.stopped
+            report.outcome, report.error = CycleOutcome.CONFIG_ERROR, self.stopped
             return
         if not self._auth_may_push():
-            report.outcome, report.error = "auth_error", "waiting for a working API key"
+            report.outcome, report.error = CycleOutcome.AUTH_ERROR, "waiting for a working API key"
             return
         if not self._schema_checked:
             self.warm_up()
         self._learn_key_uniqueness()
         self._duplicates = None  # a full pass that ended early leaves none behind
-        lease = self.state.acquire_lease(self.sync.name, self.lease)
-        if lease is None:
-            owner, until = self.state.lease_holder(self.sync.name)
-            held = f" (lease until {until:%H:%M:%S} UTC)" if until else ""
-            report.outcome, report.error = "skipped", f"running on {owner or 'another syncd'}{held}"
+        try:
+            lease = self.state.acquire_lease(self.sync.name, self.lease)
+        except LeaseHeldError as held:
+            until = f" (lease until {held.expires_at:%H:%M:%S} UTC)" if held.expires_at else ""
+            report.outcome, report.error = CycleOutcome.SKIPPED, f"running on {held.owner or 'another syncd'}{until}"
             return
         deliverer = Deliverer(self.client, self.api, kind=report.kind, should_stop=self.should_stop, fence=lease)
         open_letters = self.state.open_dead_letter_count(self.sync.name) > 0
@@ -381,7 +387,7 @@ class SyncRunner:
         failure = self._pipeline.run(batches(report), send=send, settle=settle, lease=lease, should_stop=self.should_stop)
         if failure is not None:
             self._fail(report, failure)
-        elif report.outcome == "ok":
+        elif report.outcome == CycleOutcome.OK:
             self._auth_backoff = AUTH_BACKOFF_START
 
     def _changes(self, report: CycleReport) -> Iterator[_Batch]:
@@ -526,12 +532,12 @@ class SyncRunner:
                 if not fast:
                     yield self._prepare(read, cursor=None, refresh=True)
                     continue
-                inside, outside = self.reader.split(read)
-                keys = [key_text(row[0]) for row in inside]
+                in_model, outside = self.reader.split(read)
+                keys = [key_text(row[0]) for row in in_model]
                 stored = self.state.known_source_hashes(name, keys)
-                stale_rows = [row for key, row in zip(keys, inside, strict=True) if stored.get(key) != hash_of(row)]
-                batch = self._prepare(stale_rows, cursor=None, refresh=True) if stale_rows else _Batch(cursor=None)
-                stale_keys = {key_text(row[0]) for row in stale_rows}
+                changed = [row for key, row in zip(keys, in_model, strict=True) if stored.get(key) != hash_of(row)]
+                batch = self._prepare(changed, cursor=None, refresh=True) if changed else _Batch(cursor=None)
+                stale_keys = {key_text(row[0]) for row in changed}
                 batch.rows = len(read)
                 batch.unchanged_keys.extend(key for key in keys if key not in stale_keys)
                 self._left_filter(batch, outside)
@@ -780,15 +786,15 @@ class SyncRunner:
             f" (HTTP {error.http_status}, code {error.api_code})" if error.http_status else ""
         )
         if isinstance(error, AuthError):
-            report.outcome = "auth_error"
+            report.outcome = CycleOutcome.AUTH_ERROR
             self._auth_retry_at = time.monotonic() + self._auth_backoff.total_seconds()
             self._auth_backoff = min(self._auth_backoff * 2, AUTH_BACKOFF_MAX)
         elif isinstance(error, ConfigurationError):
-            report.outcome = "config_error"
+            report.outcome = CycleOutcome.CONFIG_ERROR
             self.stopped = report.error
             log.error("sync_stopped", reason=report.error, action="fix the config and reload")
         else:
-            report.outcome = "failing"
+            report.outcome = CycleOutcome.FAILING
 
     def _auth_may_push(self) -> bool:
         """While the key is refused, probe again only when it changed or the backoff ran out."""
@@ -805,34 +811,29 @@ class SyncRunner:
 
     def _finish(self, report: CycleReport) -> None:
         name = self.sync.name
-        state = {
-            "ok": "ok",
-            "paused": "paused",
-            "auth_error": "auth_error",
-            "skipped": None,
-        }.get(report.outcome, "failing")
+        state = report.outcome.state  # None: skipped, the cycle ran elsewhere
         # Backlog after every cycle the source can answer, failed ones included: rows pile
         # up while the API is down. Not when the cycle failed before the source gave a bound
         # (the source itself may be what failed; asking again would only wait again).
-        source_failed = report.outcome == "failing" and report.bound is None
-        if report.kind == "sync" and state not in (None, "paused") and not source_failed:
+        source_failed = report.outcome == CycleOutcome.FAILING and report.bound is None
+        if report.kind is CycleKind.SYNC and state not in (None, SyncState.PAUSED) and not source_failed:
             try:
                 report.backlog = self.reader.backlog(self.state.cursor(name))
-            except (SourceError, sa.exc.DBAPIError):
+            except (SourceError, StateError, sa.exc.DBAPIError):
                 report.backlog = None
         # Metrics before the state database, which may be what failed this cycle.
-        self.metrics.cycle(name, report.duration_s, "ok" if report.outcome == "ok" else "failed")
+        self.metrics.cycle(name, report.duration_s, "ok" if report.outcome is CycleOutcome.OK else "failed")
         if state is not None:
-            self.metrics.set_state(name, "config_error" if report.outcome == "config_error" else state)
-            if state == "ok":
+            self.metrics.set_state(name, state)
+            if state is SyncState.OK:
                 self.metrics.set_last_success(name, datetime.now(UTC))
             if report.backlog is not None:
                 self.metrics.set_backlog(name, report.backlog)
-            self.state.set_state(name, state, error=report.error, backlog=report.backlog)
+            self.state.set_state(name, state.stored, error=report.error, backlog=report.backlog)
             self.metrics.set_open_dead_letters(name, self.state.open_dead_letter_count(name))
         elif (stored := self.state.sync_status(name)) is not None:  # another syncd runs it: show its progress
             self.metrics.show_stored(stored)
-        if report.outcome not in ("ok", "paused", "skipped"):
+        if report.outcome not in (CycleOutcome.OK, CycleOutcome.PAUSED, CycleOutcome.SKIPPED):
             level = "error"
         elif report.dead_lettered:
             level = "warning"  # rows that need someone's attention
@@ -849,14 +850,6 @@ def _mapping_hash(sync: SyncConfig, reader: ModelReader) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
-def _add(value: Any, delta: timedelta) -> Any:
-    if isinstance(value, str):  # SQLite's canonical text form
-        return (datetime.fromisoformat(value) + delta).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-    return value + delta
-
-
-def _before(value: Any, target: Any) -> bool:
-    return value is not None and value < target
 
 
 def _merge(total: CycleReport, more: CycleReport) -> CycleReport:

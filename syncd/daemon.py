@@ -34,8 +34,8 @@ Reload (SIGHUP) applies live: syncs added, removed or changed (mapping, schedule
 table, anything; a changed sync gets a new runner, swapped in between cycles, and
 runs at once), sources (syncs using a changed source are rebuilt), the `[api]`
 batching, concurrency, retry and rate settings, `[log]` and `drain_timeout`. It does
-not apply `[state]`, `[metrics] listen` or `[api]` url / token / token_file /
-timeout_s: those hold connections, a listening socket or secrets (systemd
+not apply `RESTART_KEYS` (the state database, the metrics socket, the API's url,
+credentials and timeout): those hold connections, a listening socket or secrets (systemd
 credentials are fixed for the life of the process anyway). The daemon logs
 `reload_needs_restart` naming those keys and keeps running on their old values.
 """
@@ -72,8 +72,9 @@ from syncd.cycle import CycleReport, SyncRunner
 from syncd.logs import configure_logging, get_logger
 from syncd.metrics import MetricsServer
 from syncd.notify import SystemdNotifier
-from syncd.runtime import Runtime
+from syncd.runtime import Runtime, open_source
 from syncd.source import Source
+from syncd.values import CycleKind
 
 __all__ = ["run_daemon"]
 
@@ -271,7 +272,7 @@ class ProgressLog:
         log.info("progress", **fields)
 
     def _remaining(self, report: CycleReport, progress: _Progress) -> int | None:
-        if progress.kind != "sync":
+        if progress.kind != CycleKind.SYNC:
             return None  # a reconcile reads the whole table; its size is not a backlog
         if progress.remaining_at is None:
             runner = self._runners().get(report.sync)
@@ -328,25 +329,28 @@ def jobs_needed(config: Config) -> int:
 # ---------------------------------------------------------------------------- reload
 
 
+# What a reload does not apply (the module docstring says why): a whole section, or one key of it.
 RESTART_KEYS = ("state", "metrics.listen", "api.url", "api.token", "api.token_file", "api.timeout_s")
 
 
 def effective_config(running: Config, loaded: Config) -> tuple[Config, list[str]]:
-    """`loaded` with the restart-only settings kept at their running values, and the
-    keys of those that differ (the operator must restart to apply them)."""
+    """`loaded` with the RESTART_KEYS kept at their running values, and the keys of those
+    that differ (the operator must restart to apply them)."""
     needs_restart = []
-    if running.state != loaded.state:
-        needs_restart.append("state")
-    if running.metrics.listen != loaded.metrics.listen:
-        needs_restart.append("metrics.listen")
-    kept = {}
-    for name in ("url", "token", "token_file", "timeout_s"):
-        if getattr(running.api, name) != getattr(loaded.api, name):
-            needs_restart.append(f"api.{name}")
-        kept[name] = getattr(running.api, name)
-    api = loaded.api.model_copy(update=kept)
-    config = loaded.model_copy(update={"state": running.state, "metrics": running.metrics, "api": api})
-    return config, needs_restart
+    kept: dict[str, dict[str, Any]] = {}  # section -> {key: running value}; "" for the whole section
+    for restart_key in RESTART_KEYS:
+        section, _, key = restart_key.partition(".")
+        was, now = getattr(running, section), getattr(loaded, section)
+        if key:
+            was, now = getattr(was, key), getattr(now, key)
+        if was != now:
+            needs_restart.append(restart_key)
+        kept.setdefault(section, {})[key] = was
+    update = {
+        section: values[""] if "" in values else getattr(loaded, section).model_copy(update=values)
+        for section, values in kept.items()
+    }
+    return loaded.model_copy(update=update), needs_restart
 
 
 # ---------------------------------------------------------------------------- the daemon
@@ -367,9 +371,6 @@ class _Slot:
     @property
     def name(self) -> str:
         return self.sync.name
-
-
-_STATE_OF_OUTCOME = {"ok": "ok", "paused": "paused", "auth_error": "auth_error", "skipped": "standby"}
 
 
 class Daemon:
@@ -549,7 +550,7 @@ class Daemon:
         self.scheduler.add_job(
             self._run_job,
             sync_trigger(sync),
-            args=(slot, "sync"),
+            args=(slot, CycleKind.SYNC),
             id=f"sync:{sync.name}",
             name=f"sync {sync.name}",
             executor=self._executor,
@@ -564,7 +565,7 @@ class Daemon:
         self.scheduler.add_job(
             self._run_job,
             trigger,
-            args=(slot, "reconcile"),
+            args=(slot, CycleKind.RECONCILE),
             id=f"reconcile:{sync.name}",
             name=f"reconcile {sync.name}",
             executor=self._executor,
@@ -576,7 +577,7 @@ class Daemon:
         if self.scheduler.get_job(job_id) is not None:
             self.scheduler.remove_job(job_id)
 
-    def _run_job(self, slot: _Slot, kind: str) -> None:
+    def _run_job(self, slot: _Slot, kind: CycleKind) -> None:
         """One scheduled run; never raises, so nothing a sync does reaches the scheduler."""
         if not self._acquire(slot, kind):
             return
@@ -586,8 +587,8 @@ class Daemon:
             self._swap_pending(slot)
             self.progress.begin(slot.name, kind)
             runner = self.runtime.runners[slot.name]
-            report = runner.run_cycle() if kind == "sync" else runner.reconcile()
-            slot.state = _STATE_OF_OUTCOME.get(report.outcome, "failing")
+            report = runner.run_cycle() if kind is CycleKind.SYNC else runner.reconcile()
+            slot.state = state.stored if (state := report.outcome.state) else "standby"  # skipped: another syncd runs it
             slot.last_cycle_at = datetime.now(UTC)
         except Exception:
             slot.state = "failing"
@@ -595,8 +596,8 @@ class Daemon:
         finally:
             slot.lock.release()
 
-    def _acquire(self, slot: _Slot, kind: str) -> bool:
-        if kind == "sync":
+    def _acquire(self, slot: _Slot, kind: CycleKind) -> bool:
+        if kind is CycleKind.SYNC:
             # The reconcile (or a reload swapping the runner) has it: it is pushing
             # everything anyway, and the next interval comes soon.
             return slot.lock.acquire(blocking=False)
@@ -644,8 +645,8 @@ class Daemon:
         old_sources = runtime.sources
         old_config = runtime.config
         runtime.sources = {
-            name: Source(name, source) if name in changed_sources else old_sources[name]
-            for name, source in config.sources.items()
+            name: open_source(config, name) if name in changed_sources else old_sources[name]
+            for name in config.sources
         }
         runtime.config = config  # runtime.runner() reads [api] and [state] from here
         current = {sync.name for sync in old.syncs}

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from syncd.runtime import Runtime
-from syncd.state import display_value
+from syncd.values import CycleOutcome, display_value
 
 __all__ = ["DiscardOutcome", "RetryOutcome", "discard", "listing", "render", "retry"]
 
@@ -115,7 +115,7 @@ def retry(runtime: Runtime, sync: str | None, ids: list[int]) -> RetryOutcome:
     for name, keys in by_sync.items():
         report = runtime.runners[name].retry_keys(keys)
         outcome.retried += len(keys)
-        if report.outcome != "ok":
+        if report.outcome is not CycleOutcome.OK:
             outcome.errors.append(f"{name}: {report.outcome}: {report.error}")
         open_keys = {letter.key for letter in runtime.state.dead_letters(name)}
         outcome.still_open += len(open_keys & set(keys))

@@ -30,8 +30,8 @@ import structlog
 
 from syncd._wire import LateToSend, OneWriteTransport, send_by
 from syncd.config import LEASE_MARGIN_S, ApiConfig, SecretFileError, read_secret_file
-from syncd.errors import SyncdError
-from syncd.state import PushRecord, StateError, utcnow
+from syncd.errors import StateError, SyncdError
+from syncd.values import CycleKind, PushOutcome, PushRecord, utcnow
 
 __all__ = [
     "Ack",
@@ -87,11 +87,11 @@ class ApiError(SyncdError):
         self.http_status = http_status
         self.api_code = api_code
 
-    outcome = "failed"
+    outcome = PushOutcome.FAILED
 
 
 class RetryableError(ApiError):
-    outcome = "retry"
+    outcome = PushOutcome.RETRY
 
 
 class ThrottledError(RetryableError):
@@ -101,15 +101,15 @@ class ThrottledError(RetryableError):
 
 
 class AuthError(ApiError):
-    outcome = "auth_error"
+    outcome = PushOutcome.AUTH_ERROR
 
 
 class ConfigurationError(ApiError):
-    outcome = "config_error"
+    outcome = PushOutcome.CONFIG_ERROR
 
 
 class RejectedError(ApiError):
-    outcome = "rejected"
+    outcome = PushOutcome.REJECTED
 
 
 def classify(response: httpx.Response) -> Ack:
@@ -394,7 +394,7 @@ class Deliverer:
         client: PushClient,
         config: ApiConfig,
         *,
-        kind: str = "sync",
+        kind: CycleKind = CycleKind.SYNC,
         sleep: Callable[[float], None] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         fence: Fence | None = None,
@@ -516,7 +516,7 @@ class Deliverer:
             record_count=count,
             attempt=attempt,
             duration_ms=(time.perf_counter() - clock) * 1000,
-            outcome="ack",
+            outcome=PushOutcome.ACK,
         )
         if ack is not None:
             record.http_status, record.api_code, record.description = ack.http_status, 0, ack.description

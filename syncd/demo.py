@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from syncd.config import load_config
 from syncd.config_text import render_config
 from syncd.cycle import CycleReport
+from syncd.errors import SyncdError
 from syncd.logs import configure_logging
 from syncd.runtime import Runtime
 from syncd.simulator import SimulatorConfig, start_in_thread
@@ -45,7 +46,7 @@ FIRST_NAMES = ("Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Margaret"
 LAST_NAMES = ("Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Hamilton", "Thompson", "Allen", "Ritchie")
 
 
-class DemoDirectoryError(Exception):
+class DemoDirectoryError(SyncdError):
     """The directory given to the demo holds files the demo did not write."""
 
 

@@ -23,9 +23,11 @@ import orjson
 from syncd.config import Config, SyncConfig
 from syncd.errors import SyncdError
 from syncd.mapping import MappedRows, compile_mapping, digest_target, map_rows
-from syncd.source import Source, SourceError
-from syncd.state import StateStore, display_value, key_text
+from syncd.runtime import open_source
+from syncd.source import SourceError
+from syncd.state import StateStore
 from syncd.status import StateUnavailable, open_existing_state, push_row, render_pushes
+from syncd.values import display_value, key_text
 
 __all__ = ["ExplainError", "inspect", "preview", "render_preview", "render_story"]
 
@@ -42,7 +44,7 @@ class _Model:
     """
 
     def __init__(self, config: Config, sync: SyncConfig) -> None:
-        self.source = Source(sync.source, config.sources[sync.source])
+        self.source = open_source(config, sync.source)
         self.reader = self.source.reader(sync)
         self.columns = sync.columns
 
@@ -93,10 +95,7 @@ def preview(config: Config, sync: SyncConfig, *, limit: int = 20, keys: Sequence
     model = _Model(config, sync)
     try:
         cursor = state.cursor(sync.name) if state else None
-        if keys:
-            rows = model.by_keys(keys)
-        else:
-            rows = model.pending(cursor, limit)
+        rows = model.by_keys(keys) if keys else model.pending(cursor, limit)
         mapped = _mapped(rows, sync)
         known = state.known_digests(sync.name, mapped.keys) if state else {}
     except SourceError as error:
@@ -147,7 +146,7 @@ def inspect(config: Config, sync: SyncConfig, key: str) -> dict[str, Any]:
         story["sync_watermark"] = display_value(cursor.watermark) if cursor else None
         story["acknowledged"] = _acknowledgement(acknowledged, digest)
         ids = state.dead_letter_ids(sync.name, key) if state else []
-        letters = list(state.dead_letters(sync.name, include_resolved=True, ids=ids)) if ids else []
+        letters = list(state.dead_letters(sync.name, include_resolved=True, ids=ids)) if state and ids else []
         removal = state.removals(sync.name, [key]).get(key) if state else None
     except SourceError as error:
         raise ExplainError(str(error)) from None

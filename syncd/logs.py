@@ -194,7 +194,8 @@ def _dumps(obj: Any, **kwargs: Any) -> str:
 
 def _redact_keys(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     """Replace the values of secret-named keys, at any depth, with ``***``."""
-    return _redact(event_dict)
+    redacted: EventDict = _redact(event_dict)
+    return redacted
 
 
 def _redact(value: Any) -> Any:

@@ -58,7 +58,7 @@ from phonenumbers import PhoneMetadata
 
 from syncd.errors import SyncdError
 from syncd.fields import FieldSpec
-from syncd.state import key_text
+from syncd.values import key_text
 
 __all__ = [
     "FieldError",
@@ -66,10 +66,9 @@ __all__ = [
     "Mapping",
     "RowRejected",
     "compile_mapping",
-    "digest_encoded",
     "encode_payload",
     "map_rows",
-    "payload_digest",
+    "payload_digester",
 ]
 
 Reader = Callable[[Sequence[Any]], Any]
@@ -150,13 +149,21 @@ def digest_target(datastore_id: str, feed_id: str) -> bytes:
     return hashlib.blake2b(f"{datastore_id}\0{feed_id}".encode(), digest_size=32).digest()
 
 
-def digest_encoded(encoded: bytes, target: bytes = b"") -> bytes:
-    """A 16-byte digest of an encoded payload, the same in every process.
+def payload_digester(target: bytes = b"") -> Callable[[bytes], bytes]:
+    """The digest of encoded payloads bound for `target`: 16 bytes, the same in every process.
 
     `target` (at most 64 bytes) keys the digest, so the same payload bound for another
-    datastore or feed counts as a change.
+    datastore or feed counts as a change. JSON keeps types apart ("1" vs 1), which is
+    what the datastore sees as a change.
     """
-    return hashlib.blake2b(encoded, digest_size=16, key=target).digest()
+    keyed = hashlib.blake2b(digest_size=16, key=target)
+
+    def digest(encoded: bytes) -> bytes:
+        copy = keyed.copy()  # copying skips hashing the key per row
+        copy.update(encoded)
+        return copy.digest()
+
+    return digest
 
 
 @dataclass(slots=True)
@@ -165,7 +172,7 @@ class MappedRows:
 
     keys: list[str] = field(default_factory=list)  # as text, like the state database keeps them
     encoded: list[bytes] = field(default_factory=list)  # each record as it goes on the wire
-    digests: list[bytes] = field(default_factory=list)  # digest_encoded(encoded, target)
+    digests: list[bytes] = field(default_factory=list)  # payload_digester(target)(encoded)
     sources: list[bytes] = field(default_factory=list)  # source fingerprints of the rows
     rejected: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)  # key, reason, row
 
@@ -179,7 +186,7 @@ def map_rows(
     """
     mapped = MappedRows()
     keys, encoded, digests, sources = mapped.keys, mapped.encoded, mapped.digests, mapped.sources
-    keyed = hashlib.blake2b(digest_size=16, key=target)  # copying it skips hashing the key per row
+    digest = payload_digester(target)
     for row in rows:
         key = key_text(row[0])
         try:
@@ -187,22 +194,12 @@ def map_rows(
         except RowRejected as error:
             mapped.rejected.append((key, str(error), dict(zip(mapping.columns, row, strict=False))))
             continue
-        data = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
-        digest = keyed.copy()
-        digest.update(data)
+        data = encode_payload(payload)
         keys.append(key)
         encoded.append(data)
-        digests.append(digest.digest())
+        digests.append(digest(data))
         sources.append(source_hash(row))
     return mapped
-
-
-def payload_digest(payload: dict[str, Any]) -> bytes:
-    """A 16-byte digest of a mapped payload, the same in every process and for any key order.
-
-    JSON keeps types apart ("1" vs 1), which is what the datastore sees as a change.
-    """
-    return digest_encoded(encode_payload(payload))
 
 
 # --- compiling one field -------------------------------------------------------------------

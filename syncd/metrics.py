@@ -38,15 +38,17 @@ from prometheus_client import (
 )
 from prometheus_client.metrics import MetricWrapperBase
 
+from syncd.values import SyncState
+
 if TYPE_CHECKING:
     from syncd.config import SyncConfig
-    from syncd.state import SyncStatus
+    from syncd.values import SyncStatus
 
 __all__ = ["STATES", "Metrics", "MetricsServer", "parse_listen", "schedule_seconds"]
 
-# The states of `syncd status`, plus config_error: a sync stopped by a configuration
-# error (HTTP 405) until a reload; the state database records it as failing.
-STATES = ("ok", "failing", "auth_error", "config_error", "paused", "never_run")
+# The `state` label's values: the stored states, plus config_error (a sync stopped by
+# HTTP 405 until a reload; the state database records it as failing).
+STATES = tuple(state for state in SyncState if state is not SyncState.RUNNING)
 
 # One request to the API: tens of milliseconds when healthy, up to the 30 s timeout.
 _PUSH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -237,11 +239,11 @@ class Metrics:
         self.set_last_success(row.name, row.last_success_at)
         self.set_open_dead_letters(row.name, row.dead_letters)
 
-    def set_state(self, sync: str, state: str) -> None:
+    def set_state(self, sync: str, state: SyncState) -> None:
         """One series per possible state, 1 for the current one: alerts can use
         ``syncd_sync_state{state="auth_error"} == 1`` without knowing the others."""
         if state not in STATES:
-            raise ValueError(f"unknown sync state {state!r}; expected one of {STATES}")
+            raise ValueError(f"unknown sync state {state!r}; expected one of {', '.join(STATES)}")
         for each in STATES:
             self._state.labels(sync, each).set(1 if each == state else 0)
 

@@ -32,7 +32,7 @@ import structlog
 from syncd.config import SourceConfig, SyncConfig
 from syncd.mapping import MappedRows, compile_mapping, map_rows
 from syncd.source import Bound, Source, SourceError, prefetched
-from syncd.state import Cursor
+from syncd.values import Cursor
 
 __all__ = ["Offload"]
 

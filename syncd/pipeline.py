@@ -30,7 +30,7 @@ import structlog
 
 from syncd.delivery import DeliveryResult, Fence
 from syncd.source import SourceError
-from syncd.state import Cursor, DeadLetter, PushRecord
+from syncd.values import Cursor, DeadLetter, PushRecord
 
 log = structlog.get_logger(__name__)
 

@@ -1,7 +1,12 @@
 """A loaded config turned into live objects, once: state store, sources, API client, runners.
 
 The CLI commands and the daemon all start from a `Runtime`, so there is exactly one place
-where config becomes connections, and one place that closes them.
+where config becomes connections, and one place that closes them. Commands that need only
+a part (`status`, `check`, `preview`, a reload's changed sources) take it from the
+functions below, which `Runtime.open` uses too: the state database always gets its lease's
+session bounds, the API client always tells the log redactor the key it reads.
+(The offload child is the one exception: it is handed its source's config by the parent,
+and importing this module there would make an import cycle through the cycle.)
 """
 
 from __future__ import annotations
@@ -10,16 +15,21 @@ import gc
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from syncd.config import Config, SyncConfig
-from syncd.cycle import CycleReport, SyncRunner
-from syncd.delivery import ApiClient, RateLimiter, SharedRateLimiter, TokenSource
+from syncd.config import Config, SecretFileError, SyncConfig, read_secret_file
 from syncd.logs import register_secret
-from syncd.metrics import Metrics
 from syncd.source import Source
 from syncd.state import StateStore
 
-__all__ = ["Runtime"]
+# The cycle, the API client and the metrics are imported where they are built: `status`
+# and `check` take only the state and sources from here, without httpx or prometheus.
+if TYPE_CHECKING:
+    from syncd.cycle import CycleReport, SyncRunner
+    from syncd.delivery import ApiClient, RateLimiter
+    from syncd.metrics import Metrics
+
+__all__ = ["Runtime", "open_api", "open_source", "open_state"]
 
 
 @dataclass
@@ -43,14 +53,15 @@ class Runtime:
         on_progress: Callable[[CycleReport], None] | None = None,
         migrating: Callable[[], AbstractContextManager[object]] = nullcontext,
     ) -> Runtime:
+        from syncd.metrics import Metrics
+
         _register_secrets(config)
-        state = StateStore(config.state.url, lease=config.state.lease)
+        state = open_state(config)
         if migrate:
             state.migrate(migrating)  # `migrating` wraps a migration that really runs
-        tokens = TokenSource(config.api, on_secret=register_secret)
-        client = ApiClient(config.api, tokens, limiter or _rate_limiter(config, state))
+        client = open_api(config, limiter or _rate_limiter(config, state))
         runtime = cls(config=config, state=state, client=client, metrics=metrics or Metrics())
-        runtime.sources = {name: Source(name, source) for name, source in config.sources.items()}
+        runtime.sources = {name: open_source(config, name) for name in config.sources}
         for sync in config.syncs:
             runtime.runners[sync.name] = runtime.runner(sync, should_stop=should_stop, on_progress=on_progress)
         if migrate:
@@ -65,6 +76,8 @@ class Runtime:
         should_stop: Callable[[], bool] = lambda: False,
         on_progress: Callable[[CycleReport], None] | None = None,
     ) -> SyncRunner:
+        from syncd.cycle import SyncRunner
+
         return SyncRunner(
             sync,
             reader=self.sources[sync.source].reader(sync),
@@ -104,8 +117,28 @@ class Runtime:
         self.close()
 
 
+def open_state(config: Config) -> StateStore:
+    """The state database as configured, neither created nor migrated until used."""
+    return StateStore(config.state.url, lease=config.state.lease)
+
+
+def open_source(config: Config, name: str) -> Source:
+    """Source `name` of `config`; it connects on first use."""
+    return Source(name, config.sources[name])
+
+
+def open_api(config: Config, limiter: RateLimiter) -> ApiClient:
+    """The API client; the key it reads (inline, or from token_file, again on refusal) is
+    registered with the log redactor."""
+    from syncd.delivery import ApiClient, TokenSource
+
+    return ApiClient(config.api, TokenSource(config.api, on_secret=register_secret), limiter)
+
+
 def _rate_limiter(config: Config, state: StateStore) -> RateLimiter:
     """On a PostgreSQL state database several daemons may push: they share one ceiling there."""
+    from syncd.delivery import RateLimiter, SharedRateLimiter
+
     rps = config.api.requests_per_second
     if not state.postgres:
         return RateLimiter(rps)
@@ -124,6 +157,6 @@ def _register_secrets(config: Config) -> None:
             register_secret(str(password))
         if source.password_file is not None:
             try:
-                register_secret(source.password_file.read_text().strip())
-            except OSError:
-                pass  # reported when the source connects
+                register_secret(read_secret_file(source.password_file, "password_file"))
+            except SecretFileError:
+                pass  # reported, by its key, when the source connects

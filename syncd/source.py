@@ -23,7 +23,7 @@ import functools
 import hashlib
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from typing import Any, TypeVar
@@ -35,9 +35,9 @@ from sqlalchemy.dialects import mysql
 
 from syncd.config import ChangeFeed, SecretFileError, SourceConfig, SyncConfig
 from syncd.errors import SyncdError
-from syncd.state import Cursor, db_error_line, key_text
+from syncd.values import Cursor, db_error_line, key_text
 
-__all__ = ["Bound", "SchemaProblem", "Source", "SourceError", "TableReader", "prefetched"]
+__all__ = ["Bound", "SchemaProblem", "Source", "SourceError", "TableReader", "bound_before", "prefetched", "shift_bound"]
 
 log = structlog.get_logger(__name__)
 
@@ -161,6 +161,7 @@ class TableReader:
         return self._table
 
     def _reflect(self) -> sa.Table:
+        assert self.sync.table is not None  # config: a sync has a table or a query
         schema, _, name = self.sync.table.rpartition(".")
         try:
             return sa.Table(name, sa.MetaData(), schema=schema or None, autoload_with=self.source.engine)
@@ -175,6 +176,7 @@ class TableReader:
         Only the key and the watermark need a type (how to compare them, how to turn a
         stored key back into a value); every other column comes back as the driver gives it.
         """
+        assert self.sync.query is not None  # config: a sync has a table or a query
         query = _sql(self.sync.query)
         try:
             with self.source.engine.connect() as conn:
@@ -213,7 +215,7 @@ class TableReader:
         """Whether the database guarantees one row per key (a table with a unique key, no filter join)."""
         return self.is_base_table and (self.sync.key,) in self._unique_sets()
 
-    def _unique_sets(self) -> list[tuple[str, ...]]:
+    def _unique_sets(self) -> list[tuple[str | None, ...]]:
         table = self.table
         inspector = sa.inspect(self.source.engine)
         schema = table.schema
@@ -242,7 +244,7 @@ class TableReader:
         for feed, reader in self.feeds:
             found.extend(
                 SchemaProblem(p.severity, f"changes ({feed.feed_id}): {p.message}")
-                for p in reader._checked(lambda reader=reader: reader._problems(reader.table, probe_data=False))
+                for p in reader._checked(functools.partial(reader._problems, reader.table, probe_data=False))
             )
         return found
 
@@ -415,11 +417,12 @@ class TableReader:
         return typed
 
     def _watermark_expr(self) -> sa.ColumnElement[Any]:
-        column = self.table.c[self.sync.watermark]
+        column: sa.Column[Any] = self.table.c[self.sync.watermark]
         if self.dialect == "sqlite" and _watermark_kind(column, "sqlite") == "time":
             # SQLite stores times as text in whatever format the writer used; compare one
             # canonical form on both sides so '10:00:00' and '10:00:00.000000' agree.
-            return sa.func.strftime("%Y-%m-%d %H:%M:%f", column, type_=sa.String)
+            canonical: sa.ColumnElement[Any] = sa.func.strftime("%Y-%m-%d %H:%M:%f", column, type_=sa.String)
+            return canonical
         return column
 
     def _after(self, cursor: Cursor | None) -> sa.ColumnElement[bool] | None:
@@ -472,26 +475,28 @@ class TableReader:
         """
         zone = self._zone(column)
         oldest: datetime | None = None
+        now: datetime
         if self.dialect == "postgresql":
             now, oldest, local_now, local_oldest = self._postgres_clock(conn)
             if zone == "session":
                 return local_now, local_oldest
         elif zone == "session":
             if self.dialect in ("mysql", "mariadb"):  # the frame DATETIME and TIMESTAMP read in
-                return conn.scalar(sa.text("SELECT NOW(6)")), None
+                return _clock_value(conn, sa.text("SELECT NOW(6)")), None
             if self.dialect == "sqlite":  # SQLite's "local" is the process's zone
-                return datetime.fromisoformat(conn.scalar(sa.text(_SQLITE_NOW.format(", 'localtime'")))), None
-            return conn.scalar(sa.select(sa.func.current_timestamp())), None
+                return datetime.fromisoformat(_clock_value(conn, sa.text(_SQLITE_NOW.format(", 'localtime'")))), None
+            return _clock_value(conn, sa.select(sa.func.current_timestamp())), None
         elif self.dialect in ("mysql", "mariadb"):
-            now = conn.scalar(sa.text("SELECT UTC_TIMESTAMP(6)")).replace(tzinfo=UTC)
+            now = _clock_value(conn, sa.text("SELECT UTC_TIMESTAMP(6)")).replace(tzinfo=UTC)
         elif self.dialect == "sqlite":
-            now = datetime.fromisoformat(conn.scalar(sa.text(_SQLITE_NOW.format("")))).replace(tzinfo=UTC)
+            now = datetime.fromisoformat(_clock_value(conn, sa.text(_SQLITE_NOW.format("")))).replace(tzinfo=UTC)
         else:
-            now = conn.scalar(sa.select(sa.func.current_timestamp()))
+            now = _clock_value(conn, sa.select(sa.func.current_timestamp()))
             if now.tzinfo is None:
                 raise SourceError(f"source {self.source.name!r}: cannot tell its clock's zone; set timezone = \"local\"")
         if zone == "instant":
             return now, oldest
+        assert not isinstance(zone, str)  # "session" returned above
         return _naive_in(now, zone), None if oldest is None else _naive_in(oldest, zone)
 
     def _zone(self, column: sa.Column[Any]) -> tzinfo | str:
@@ -597,7 +602,7 @@ class TableReader:
         if self.dialect == "sqlite":
             if not isinstance(value, datetime):
                 value = datetime.combine(value, datetime.min.time())
-            return value.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+            return _sqlite_text(value)
         return value
 
     # -- reading
@@ -674,7 +679,7 @@ class TableReader:
         *,
         bound: Bound | None = None,
         membership: bool = False,
-    ) -> Iterator[Sequence[Sequence[Any]]]:
+    ) -> Generator[Sequence[Sequence[Any]]]:
         """Batches of rows after `cursor` and below the source's bound, in (watermark, key) order.
 
         The bound is taken just before the first read (`take_bound`) and handed to
@@ -768,8 +773,7 @@ class TableReader:
         query = sa.select(*columns, *self._fingerprint(), *verdict).select_from(self.table).order_by(key)
         if condition is not None:
             query = query.where(condition)
-        for rows in self._by_keys(query, key, keys):
-            yield rows
+        yield from self._by_keys(query, key, keys)
 
     def existing_keys(self, keys: Sequence[str]) -> set[str]:
         """Which of these stored keys the model (filter or not) still has."""
@@ -795,6 +799,7 @@ class TableReader:
             raise SourceError(describe_db_error(self.source, error)) from None
 
     def _by_keys(self, query: sa.Select[Any], key: Any, keys: Sequence[str]) -> Iterator[list[Sequence[Any]]]:
+        rows: list[Sequence[Any]]
         typed = self.typed_keys(keys)
         for start in range(0, len(typed), KEY_ROWS):
             try:
@@ -843,7 +848,7 @@ class TableReader:
             inner = inner.where(condition)
         try:
             with self.source.engine.connect() as conn:
-                return conn.scalar(sa.select(sa.func.count()).select_from(inner.limit(limit).subquery()))
+                return conn.scalar(sa.select(sa.func.count()).select_from(inner.limit(limit).subquery())) or 0
         except sa.exc.DBAPIError as error:
             raise SourceError(describe_db_error(self.source, error)) from None
 
@@ -905,6 +910,28 @@ def prefetched(items: Iterator[_T], depth: int = 2) -> Iterator[_T]:
         close = getattr(items, "close", None)
         if close is not None:
             close()
+
+
+def shift_bound(value: Any, delta: timedelta) -> Any:
+    """A bound or watermark (a datetime, a date, or SQLite's text) moved by `delta`, spelled alike."""
+    if isinstance(value, str):  # SQLite's canonical text form
+        return _sqlite_text(datetime.fromisoformat(value) + delta)
+    return value + delta
+
+
+def bound_before(value: Any, target: Any) -> bool:
+    """Whether a bound is short of `target`; None (a numeric watermark: no bound) never is."""
+    return value is not None and value < target
+
+
+def _sqlite_text(value: datetime) -> str:
+    """SQLite's canonical text of a time, which its TEXT columns compare as (milliseconds)."""
+    return value.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def _clock_value(conn: sa.Connection, statement: sa.Executable) -> Any:
+    """A clock query's one value (a datetime, or SQLite's text), never NULL."""
+    return conn.scalar(statement)
 
 
 def _naive_in(instant: datetime, zone: tzinfo) -> datetime:
@@ -1004,7 +1031,7 @@ def _driver_types(conn: sa.Connection, dialect: str, description: list[Any]) -> 
     """SQLAlchemy types for a result's columns, from the driver's type codes (DB-API description)."""
     codes = [column[1] for column in description]
     if dialect == "postgresql":  # type codes are pg_type OIDs
-        names = dict(
+        names: dict[int, str] = dict(
             conn.execute(
                 sa.text("SELECT oid::int, format_type(oid, NULL) FROM pg_type WHERE oid = ANY(:oids)"),
                 {"oids": [int(code) for code in codes]},
@@ -1065,5 +1092,5 @@ def parse_watermark(reader: TableReader, text: str) -> Cursor:
     elif value.tzinfo is not None:  # an instant, told in the frame the column is written in
         value = value.replace(tzinfo=None) if zone == "session" else _naive_in(value, zone)  # type: ignore[arg-type]
     if reader.dialect == "sqlite":
-        return Cursor(value.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3], None)
+        return Cursor(_sqlite_text(value), None)
     return Cursor(value, None)

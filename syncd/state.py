@@ -17,7 +17,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from importlib import resources
@@ -27,21 +26,27 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
-from syncd.errors import SyncdError
+from syncd.errors import LeaseHeldError, LeaseLost, StateError
+from syncd.values import (
+    STORED_STATES,
+    Cursor,
+    DeadLetter,
+    PushOutcome,
+    PushRecord,
+    SyncState,
+    SyncStatus,
+    db_error_line,
+    utcnow,
+)
 
 __all__ = [
-    "Cursor",
-    "DeadLetter",
     "Lease",
+    "LeaseHeldError",
     "LeaseLost",
-    "PushRecord",
     "StateError",
     "StateStore",
-    "SyncStatus",
-    "SYNC_STATES",
 ]
 
-SYNC_STATES = ("ok", "failing", "auth_error", "paused", "never_run")
 SCHEMA_REVISION = "0005"  # the newest migration; tests/test_state.py checks it against Alembic's head
 APPLICATION_NAME = "syncd"  # as source.py names its sessions
 DEFAULT_LEASE = timedelta(seconds=60)  # [state] lease's default (config.py)
@@ -152,19 +157,6 @@ dead_letters_table = sa.Table(
 )
 
 
-class LeaseLost(SyncdError):
-    """This daemon can no longer prove it owns the sync: nothing it read may be sent or committed."""
-
-    def __init__(self, sync: str, reason: str = "another syncd took this sync over") -> None:
-        super().__init__(f"lease on {sync} lost: {reason}")
-        self.sync = sync
-        self.reason = reason
-
-
-class StateError(SyncdError):
-    """The state database failed or timed out; the message is one line for the operator."""
-
-
 class Lease:
     """This daemon's hold on one sync, as far as it can prove it (DESIGN.md §9).
 
@@ -264,7 +256,7 @@ class Lease:
         return stopped
 
 
-# ---------------------------------------------------------------------------- values
+# ---------------------------------------------------------------------------- stored values
 
 
 def encode_value(value: Any) -> str:
@@ -286,99 +278,9 @@ def decode_value(text: str | None) -> Any:
     value = orjson.loads(text)
     if isinstance(value, dict):
         ((kind, raw),) = value.items()
-        return {"datetime": datetime.fromisoformat, "date": date.fromisoformat, "decimal": Decimal}[kind](raw)
+        decode: dict[str, Callable[[str], Any]] = {"datetime": datetime.fromisoformat, "date": date.fromisoformat, "decimal": Decimal}
+        return decode[kind](raw)
     return value
-
-
-def display_value(value: Any) -> Any:
-    """The JSON-friendly form `status` shows: ISO text for times, numbers as they are."""
-    if isinstance(value, (datetime, date)):
-        return value.isoformat()
-    if isinstance(value, Decimal):
-        return str(value)
-    return value
-
-
-def key_text(key: Any) -> str:
-    """Keys are stored as text so one digests table serves integer and string keys."""
-    return key if isinstance(key, str) else str(key)
-
-
-# ---------------------------------------------------------------------------- records
-
-
-@dataclass(frozen=True, slots=True)
-class Cursor:
-    """The keyset position: every row at or before `(watermark, key)` has been handled."""
-
-    watermark: Any
-    key: Any
-
-
-@dataclass(slots=True)
-class PushRecord:
-    """One HTTP request to the API and what it answered."""
-
-    kind: str  # sync | reconcile | retry
-    sent_at: datetime
-    record_count: int
-    attempt: int
-    duration_ms: float
-    outcome: str  # ack | retry | rejected | auth_error | config_error | failed
-    http_status: int | None = None
-    api_code: int | None = None
-    description: str | None = None
-    trans_id: str | None = None
-    correlation_id: str | None = None
-
-
-@dataclass(slots=True)
-class DeadLetter:
-    key: str
-    reason: str
-    payload: dict[str, Any] | None = None
-    http_status: int | None = None
-    api_code: int | None = None
-    # filled when read back
-    id: int | None = None
-    sync: str | None = None
-    first_seen: datetime | None = None
-    last_seen: datetime | None = None
-    attempts: int = 1
-    resolved_at: datetime | None = None
-    resolution: str | None = None
-
-
-@dataclass(slots=True)
-class SyncStatus:
-    name: str
-    state: str
-    watermark: Any
-    watermark_key: Any
-    last_run_at: datetime | None
-    last_success_at: datetime | None
-    last_error: str | None
-    records_sent: int
-    backlog: int | None
-    dead_letters: int
-    owner: str | None = None
-    lease_until: datetime | None = None
-    removed: int = 0  # keys that left the model (and have not come back)
-    running: bool = False  # a cycle runs now, under a lease that has not run out (by the database's clock)
-    cycle_started_at: datetime | None = None
-    cycle_rows_read: int | None = None
-    cycle_sent: int | None = None
-
-
-def db_error_line(error: BaseException) -> str:
-    """A database error's first line: the driver's reason, without statement or parameters."""
-    original = getattr(error, "orig", None) or error
-    text = str(original).strip()
-    return text.splitlines()[0] if text else type(original).__name__
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -397,9 +299,19 @@ class StateStore:
     def __init__(self, url: str, *, lease: timedelta = DEFAULT_LEASE) -> None:
         self.url = url
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.engine = _create_engine(url, lease)
+        with _state_errors("opening it", OSError, ValueError):  # a directory it cannot create, a URL it cannot use
+            self.engine = _create_engine(url, lease)
         self.postgres = self.engine.dialect.name == "postgresql"
         self._placeholder = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+        # The hot path talks to the driver directly (_lookup, _upsert_digests): its errors too.
+        self._driver_error: type[Exception] = self.engine.dialect.loaded_dbapi.Error
+
+    @contextmanager
+    def _connection(self, doing: str, *, write: bool = False) -> Iterator[sa.Connection]:
+        """A connection, in a transaction when writing; every database failure in it becomes
+        a one-line StateError naming what was being done (nothing else leaves the store)."""
+        with _state_errors(doing, self._driver_error), (self.engine.begin() if write else self.engine.connect()) as conn:
+            yield conn
 
     def close(self) -> None:
         self.engine.dispose()
@@ -415,8 +327,11 @@ class StateStore:
         if self._revision() == SCHEMA_REVISION:
             return  # every start of every command comes here: skip loading Alembic (~8 MB, ~0.1 s)
         from alembic import command
+        from alembic.util import CommandError
 
-        with migrating(), self.engine.begin() as conn:
+        # CommandError: a revision this syncd does not know, say (a newer syncd migrated the database).
+        doing = "migrating the schema"
+        with migrating(), _state_errors(doing, CommandError), self._connection(doing, write=True) as conn:
             if self.postgres:
                 # N daemons started at once on an empty database: one migrates, the others
                 # wait here, then find the schema current. Waiting is the point, so no timeouts.
@@ -427,16 +342,17 @@ class StateStore:
 
     def _revision(self) -> str | None:
         """The schema's Alembic revision, or None before the first migration."""
-        with self.engine.connect() as conn:
+        with self._connection("reading the schema revision") as conn:
             if not sa.inspect(conn).has_table("alembic_version"):
                 return None
-            return conn.scalar(sa.text("SELECT version_num FROM alembic_version"))
+            revision: str | None = conn.scalar(sa.text("SELECT version_num FROM alembic_version"))
+            return revision
 
     def schema_is_current(self) -> bool:
         from alembic.runtime.migration import MigrationContext
         from alembic.script import ScriptDirectory
 
-        with self.engine.connect() as conn:
+        with self._connection("reading the schema revision") as conn:
             current = MigrationContext.configure(conn).get_current_heads()
             heads = ScriptDirectory.from_config(_alembic_config(conn)).get_heads()
         return set(current) == set(heads)
@@ -446,18 +362,18 @@ class StateStore:
     def ensure_syncs(self, names: Iterable[str]) -> None:
         """Add the syncs not known yet; several daemons may do it at once (ON CONFLICT DO NOTHING)."""
         insert = _dialect_insert(self.engine)
-        with self.engine.begin() as conn:
+        with self._connection("adding syncs", write=True) as conn:
             existing = set(conn.scalars(sa.select(syncs_table.c.name)))
             for name in names:
                 if name not in existing:
                     conn.execute(
                         insert(syncs_table)
-                        .values(name=name, state="never_run", records_sent=0, created_at=utcnow())
+                        .values(name=name, state=SyncState.NEVER_RUN, records_sent=0, created_at=utcnow())
                         .on_conflict_do_nothing(index_elements=["name"])
                     )
 
     def cursor(self, sync: str) -> Cursor | None:
-        with self.engine.connect() as conn:
+        with self._connection("reading the watermark") as conn:
             row = conn.execute(
                 sa.select(syncs_table.c.watermark, syncs_table.c.watermark_key).where(
                     syncs_table.c.name == sync
@@ -467,8 +383,8 @@ class StateStore:
             return None
         return Cursor(decode_value(row.watermark), decode_value(row.watermark_key))
 
-    def acquire_lease(self, sync: str, ttl: timedelta) -> Lease | None:
-        """Take or renew the right to run a cycle of `sync`; None while another owner holds it.
+    def acquire_lease(self, sync: str, ttl: timedelta) -> Lease:
+        """Take or renew the right to run a cycle of `sync`; LeaseHeldError while another owner holds it.
 
         Claimable: no owner, our own, a lease run out by the database's clock, or an owner on
         this host whose process is gone (a `kill -9` must not block the next `syncd once` for
@@ -482,6 +398,7 @@ class StateStore:
         claimable = sa.or_(table.owner.is_(None), table.owner == self.owner, table.lease_until < self._now())
         if holder is not None and _dead_local_owner(holder):
             claimable = sa.or_(claimable, table.owner == holder)
+        where: sa.ColumnElement[bool]
         if self.postgres:
             free = sa.select(table.name).where(table.name == sync, claimable).with_for_update(skip_locked=True)
             where = table.name.in_(free.scalar_subquery())
@@ -502,10 +419,11 @@ class StateStore:
             )
             .returning(table.lease_generation)
         )
-        with _state_errors("taking the lease"), self.engine.begin() as conn:
+        with self._connection("taking the lease", write=True) as conn:
             generation = conn.scalar(statement)
         if generation is None:
-            return None
+            owner, expires_at = self.lease_holder(sync)
+            raise LeaseHeldError(sync, owner, expires_at)
         return Lease(self, sync, ttl, generation, started + ttl.total_seconds())
 
     def renew_lease(self, lease: Lease) -> bool:
@@ -513,14 +431,14 @@ class StateStore:
 
         Callers hold `lease.writing`; the row lock may be waited for up to `lock_timeout`.
         """
-        with _state_errors("renewing the lease"), self.engine.begin() as conn:
+        with self._connection("renewing the lease", write=True) as conn:
             result = conn.execute(
                 syncs_table.update().where(self._fenced(lease)).values(lease_until=self._later(lease.ttl))
             )
         return result.rowcount == 1
 
     def release_lease(self, sync: str) -> None:
-        with _state_errors("releasing the lease"), self.engine.begin() as conn:
+        with self._connection("releasing the lease", write=True) as conn:
             conn.execute(
                 syncs_table.update()
                 .where(syncs_table.c.name == sync, syncs_table.c.owner == self.owner)
@@ -540,7 +458,7 @@ class StateStore:
             index_elements=["name"],
             set_={"next_at": sa.func.greatest(rate_limits_table.c.next_at, now) + step},
         ).returning(sa.extract("epoch", rate_limits_table.c.next_at - step - now))
-        with _state_errors("taking a request slot"), self.engine.begin() as conn:
+        with self._connection("taking a request slot", write=True) as conn:
             return float(conn.scalar(statement))
 
     def _fenced(self, lease: Lease) -> sa.ColumnElement[bool]:
@@ -562,7 +480,7 @@ class StateStore:
         return sa.func.strftime("%Y-%m-%d %H:%M:%f000", "now", f"{ttl.total_seconds():+.3f} seconds")
 
     def lease_holder(self, sync: str) -> tuple[str | None, datetime | None]:
-        with self.engine.connect() as conn:
+        with self._connection("reading the lease") as conn:
             row = conn.execute(
                 sa.select(syncs_table.c.owner, syncs_table.c.lease_until).where(syncs_table.c.name == sync)
             ).one_or_none()
@@ -571,18 +489,18 @@ class StateStore:
     def set_state(
         self,
         sync: str,
-        state: str,
+        state: SyncState,
         *,
         error: str | None = None,
         ran: bool = True,
         backlog: int | None = None,
     ) -> None:
-        assert state in SYNC_STATES, state
+        assert state in STORED_STATES, state
         now = utcnow()
         values: dict[str, Any] = {"state": state, "last_error": error}
         if ran:
             values["last_run_at"] = now
-        if state == "ok" and ran:
+        if state is SyncState.OK and ran:
             values["last_success_at"] = now
         if backlog is not None:
             values["backlog"] = backlog
@@ -594,7 +512,7 @@ class StateStore:
         mine = sa.or_(
             syncs_table.c.owner.is_(None), syncs_table.c.owner == self.owner, syncs_table.c.lease_until < self._now()
         )
-        with self.engine.begin() as conn:
+        with self._connection("recording the sync's state", write=True) as conn:
             conn.execute(syncs_table.update().where(syncs_table.c.name == sync, mine).values(**values))
 
     def reset(self, sync: str, cursor: Cursor | None, *, forget: Iterable[Sequence[str]] | None) -> None:
@@ -603,7 +521,7 @@ class StateStore:
         `forget` yields batches of keys whose rows must be sent again; None forgets none.
         A reset to the beginning forgets every digest of the sync.
         """
-        with self.engine.begin() as conn:
+        with self._connection("resetting the watermark", write=True) as conn:
             conn.execute(
                 syncs_table.update()
                 .where(syncs_table.c.name == sync)
@@ -625,7 +543,7 @@ class StateStore:
     # -- the hot path
 
     def has_digests(self, sync: str) -> bool:
-        with self.engine.connect() as conn:
+        with self._connection("reading digests") as conn:
             return conn.scalar(sa.select(digests_table.c.key).where(digests_table.c.sync == sync).limit(1)) is not None
 
     def known_digests(self, sync: str, keys: Sequence[str]) -> dict[str, bytes]:
@@ -645,7 +563,7 @@ class StateStore:
         statement = (
             f'SELECT "key", {column} FROM digests WHERE sync = {mark} AND "key" IN ({", ".join([mark] * len(keys))})'
         )
-        with self.engine.connect() as conn:
+        with self._connection("reading digests") as conn:
             cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
             try:
                 cursor.execute(statement, (sync, *keys))
@@ -654,11 +572,11 @@ class StateStore:
                 cursor.close()
 
     def mapping_hash(self, sync: str) -> str | None:
-        with self.engine.connect() as conn:
+        with self._connection("reading the mapping hash") as conn:
             return conn.scalar(sa.select(syncs_table.c.mapping_hash).where(syncs_table.c.name == sync))
 
     def set_mapping_hash(self, sync: str, value: str) -> None:
-        with self.engine.begin() as conn:
+        with self._connection("recording the mapping hash", write=True) as conn:
             conn.execute(syncs_table.update().where(syncs_table.c.name == sync).values(mapping_hash=value))
 
     def commit_batch(
@@ -692,12 +610,12 @@ class StateStore:
         with that push's id (without it, with none).
         """
         now = utcnow()
-        with _fenced_write(lease), _state_errors("committing a batch"), self.engine.begin() as conn:
+        with _fenced_write(lease), self._connection("committing a batch", write=True) as conn:
             values: dict[str, Any] = {}
             if cursor is not None:
                 values["watermark"] = encode_value(cursor.watermark)
                 values["watermark_key"] = encode_value(cursor.key)
-            acked_count = sum(p.record_count for p in pushes if p.outcome == "ack")
+            acked_count = sum(p.record_count for p in pushes if p.outcome == PushOutcome.ACK)
             if acked_count:
                 values["records_sent"] = syncs_table.c.records_sent + acked_count
             if progress is not None:
@@ -796,7 +714,7 @@ class StateStore:
     # -- models: change feeds and removals
 
     def feed_cursor(self, sync: str, feed: str) -> Cursor | None:
-        with self.engine.connect() as conn:
+        with self._connection("reading a change feed's position") as conn:
             row = conn.execute(
                 sa.select(feed_cursors_table.c.watermark, feed_cursors_table.c.watermark_key).where(
                     feed_cursors_table.c.sync == sync, feed_cursors_table.c.feed == feed
@@ -805,8 +723,8 @@ class StateStore:
         return None if row is None else Cursor(decode_value(row.watermark), decode_value(row.watermark_key))
 
     def removal_count(self, sync: str) -> int:
-        with self.engine.connect() as conn:
-            return conn.scalar(sa.select(sa.func.count()).where(removals_table.c.sync == sync))
+        with self._connection("reading removals") as conn:
+            return conn.scalar(sa.select(sa.func.count()).where(removals_table.c.sync == sync)) or 0
 
     def removals(self, sync: str, keys: Sequence[str] | None = None) -> dict[str, tuple[datetime, str]]:
         """`key → (when, why)` of the keys that left the model (all of them, or of `keys`)."""
@@ -815,14 +733,14 @@ class StateStore:
         )
         if keys is not None:
             query = query.where(removals_table.c.key.in_(keys))
-        with self.engine.connect() as conn:
+        with self._connection("reading removals") as conn:
             return {row.key: (_aware(row.removed_at), row.reason) for row in conn.execute(query)}  # type: ignore[misc]
 
     def sent_attributes(self, sync: str, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
         """The attributes kept from the last acknowledged record of `keys` (for `[syncs.removed]`)."""
         if not keys:
             return {}
-        with self.engine.connect() as conn:
+        with self._connection("reading the attributes sent") as conn:
             rows = conn.execute(
                 sa.select(digests_table.c.key, digests_table.c.sent).where(
                     digests_table.c.sync == sync, digests_table.c.key.in_(keys), digests_table.c.sent.is_not(None)
@@ -837,7 +755,7 @@ class StateStore:
             query = sa.select(digests_table.c.key).where(digests_table.c.sync == sync).order_by(digests_table.c.key)
             if last is not None:
                 query = query.where(digests_table.c.key > last)
-            with self.engine.connect() as conn:
+            with self._connection("reading digests") as conn:
                 keys = list(conn.scalars(query.limit(batch)))
             if keys:
                 yield keys
@@ -853,15 +771,15 @@ class StateStore:
         def only(query: sa.Select[Any], column: sa.Column[Any]) -> sa.Select[Any]:
             return query if sync is None else query.where(column == sync)
 
-        with self.engine.connect() as conn:
-            open_letters = dict(
+        with self._connection("reading the status") as conn:
+            open_letters: dict[str, int] = dict(
                 conn.execute(
                     only(sa.select(dead_letters_table.c.sync, sa.func.count()), dead_letters_table.c.sync)
                     .where(dead_letters_table.c.resolved_at.is_(None))
                     .group_by(dead_letters_table.c.sync)
                 ).all()
             )
-            removed = dict(
+            removed: dict[str, int] = dict(
                 conn.execute(
                     only(sa.select(removals_table.c.sync, sa.func.count()), removals_table.c.sync).group_by(
                         removals_table.c.sync
@@ -879,7 +797,7 @@ class StateStore:
         return [
             SyncStatus(
                 name=row.name,
-                state=row.state,
+                state=SyncState(row.state),
                 watermark=decode_value(row.watermark),
                 watermark_key=decode_value(row.watermark_key),
                 last_run_at=_aware(row.last_run_at),
@@ -909,16 +827,19 @@ class StateStore:
         if since is not None:
             query = query.where(pushes_table.c.sent_at >= since)
         if failed:
-            query = query.where(pushes_table.c.outcome != "ack")
-        with self.engine.connect() as conn:
+            query = query.where(pushes_table.c.outcome != PushOutcome.ACK)
+        with self._connection("reading pushes") as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
 
     def open_dead_letter_count(self, sync: str) -> int:
-        with self.engine.connect() as conn:
-            return conn.scalar(
-                sa.select(sa.func.count()).where(
-                    dead_letters_table.c.sync == sync, dead_letters_table.c.resolved_at.is_(None)
+        with self._connection("reading dead letters") as conn:
+            return (
+                conn.scalar(
+                    sa.select(sa.func.count()).where(
+                        dead_letters_table.c.sync == sync, dead_letters_table.c.resolved_at.is_(None)
+                    )
                 )
+                or 0
             )
 
     def dead_letters(
@@ -931,7 +852,7 @@ class StateStore:
             query = query.where(dead_letters_table.c.resolved_at.is_(None))
         if ids:
             query = query.where(dead_letters_table.c.id.in_(ids))
-        with self.engine.connect() as conn:
+        with self._connection("reading dead letters") as conn:
             for row in conn.execute(query):
                 yield DeadLetter(
                     id=row.id,
@@ -949,7 +870,7 @@ class StateStore:
                 )
 
     def discard_dead_letters(self, ids: Sequence[int]) -> int:
-        with self.engine.begin() as conn:
+        with self._connection("discarding dead letters", write=True) as conn:
             return conn.execute(
                 dead_letters_table.update()
                 .where(dead_letters_table.c.id.in_(ids), dead_letters_table.c.resolved_at.is_(None))
@@ -988,7 +909,7 @@ class StateStore:
 
     def dead_letter_ids(self, sync: str, key: str) -> list[int]:
         """Every dead letter of one key, open or resolved, oldest first (through ix_dead_letters_sync_key)."""
-        with self.engine.connect() as conn:
+        with self._connection("reading dead letters") as conn:
             return list(
                 conn.scalars(
                     sa.select(dead_letters_table.c.id)
@@ -1129,7 +1050,7 @@ def _create_engine(url: str, lease: timedelta) -> sa.Engine:
 
         return engine
     if parsed.get_backend_name() != "postgresql":
-        raise ValueError(f"the state database must be SQLite or PostgreSQL, not {parsed.get_backend_name()}")
+        raise ValueError(f"it must be SQLite or PostgreSQL, not {parsed.get_backend_name()}")
     return sa.create_engine(parsed, pool_pre_ping=True, connect_args=postgres_session_settings(parsed, lease))
 
 
@@ -1179,11 +1100,9 @@ def postgres_session_settings(url: sa.URL, lease: timedelta) -> dict[str, Any]:
 
 def _dialect_insert(engine: sa.Engine) -> Callable[..., Any]:
     """INSERT with ON CONFLICT for the state database's dialect."""
-    if engine.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    return postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
 
 
 _TIMEOUTS = {  # PostgreSQL SQLSTATEs of the bounds set in postgres_session_settings
@@ -1194,13 +1113,14 @@ _TIMEOUTS = {  # PostgreSQL SQLSTATEs of the bounds set in postgres_session_sett
 
 
 @contextmanager
-def _state_errors(doing: str) -> Iterator[None]:
-    """State database errors as one-line `StateError`s naming what was being done."""
+def _state_errors(doing: str, *also: type[Exception]) -> Iterator[None]:
+    """State database errors (SQLAlchemy's, and `also`) as one-line `StateError`s naming what was being done."""
+    failures: tuple[type[Exception], ...] = (sa.exc.SQLAlchemyError, *also)
     try:
         yield
-    except sa.exc.DBAPIError as error:
-        code = getattr(getattr(error, "orig", None), "sqlstate", None)
-        raise StateError(f"state database, {doing}: {_TIMEOUTS.get(code) or db_error_line(error)}") from None
+    except failures as error:
+        code = str(getattr(getattr(error, "orig", None) or error, "sqlstate", None))
+        raise StateError(doing, _TIMEOUTS.get(code) or db_error_line(error)) from None
 
 
 def _alembic_config(conn: sa.Connection) -> Any:

@@ -21,8 +21,11 @@ from typing import Any
 import sqlalchemy as sa
 
 from syncd.config import Config, SecretFileError
+from syncd.errors import SyncdError
+from syncd.runtime import open_source, open_state
 from syncd.source import Source, SourceError
-from syncd.state import Cursor, StateStore, SyncStatus, db_error_line, display_value
+from syncd.state import StateError, StateStore
+from syncd.values import Cursor, PushOutcome, SyncState, SyncStatus, display_value
 
 __all__ = [
     "StateUnavailable",
@@ -36,11 +39,11 @@ __all__ = [
     "state_path",
 ]
 
-HEALTHY_STATES = ("ok", "paused", "never_run", "running")
+HEALTHY_STATES = (SyncState.OK, SyncState.PAUSED, SyncState.NEVER_RUN, SyncState.RUNNING)
 EXIT_HEALTHY, EXIT_UNREADABLE, EXIT_UNHEALTHY = 0, 1, 3
 
 
-class StateUnavailable(Exception):
+class StateUnavailable(SyncdError):
     """The state database cannot be read as it is; the message says why and what to do."""
 
     def __init__(self, message: str, *, missing: bool = False) -> None:
@@ -58,7 +61,7 @@ def state_path(config: Config) -> Path | None:
 
 def open_existing_state(config: Config) -> StateStore:
     """A StateStore on a state database that exists and carries syncd's schema; creates nothing."""
-    shown = sa.make_url(config.state.url).render_as_string(hide_password=True)
+    shown = config.state.display_url()
     path = state_path(config)
     if path is not None and not path.is_file():
         message = f"no state database at {path}"
@@ -69,14 +72,14 @@ def open_existing_state(config: Config) -> StateStore:
             )
         raise StateUnavailable(message, missing=True)
     try:
-        state = StateStore(config.state.url)
-    except ValueError as error:
-        raise StateUnavailable(str(error)) from None
+        state = open_state(config)
+    except StateError as error:
+        raise StateUnavailable(f"state database {shown}: {error.reason}") from None
     try:
         revision = state.schema_revision()
-    except (sa.exc.DBAPIError, OSError) as error:
+    except StateError as error:
         state.close()
-        raise StateUnavailable(f"state database {shown}: {db_error_line(error)}") from None
+        raise StateUnavailable(f"state database {shown}: {error.reason}") from None
     if revision is None:
         state.close()
         raise StateUnavailable(
@@ -98,8 +101,8 @@ def collect_status(
     state = open_existing_state(config)
     try:
         known = {row.name: row for row in state.status()}
-    except sa.exc.DBAPIError as error:
-        raise StateUnavailable(f"state database: {db_error_line(error)}; is it migrated (`syncd migrate`)?") from None
+    except StateError as error:
+        raise StateUnavailable(f"state database: {error.reason}; is it migrated (`syncd migrate`)?") from None
     finally:
         state.close()
     sources: dict[str, Source] = {}
@@ -109,7 +112,7 @@ def collect_status(
         row = known.get(sync.name)
         backlog = row.backlog if row else None
         if live_backlog and sync.source not in failed_sources:
-            source = sources.setdefault(sync.source, Source(sync.source, config.sources[sync.source]))
+            source = sources.get(sync.source) or sources.setdefault(sync.source, open_source(config, sync.source))
             cursor = Cursor(row.watermark, row.watermark_key) if row and row.watermark is not None else None
             try:
                 backlog = source.reader(sync).backlog(cursor)
@@ -139,7 +142,7 @@ def _entry(name: str, row: SyncStatus | None, backlog: int | None, *, paused: bo
     if row is None:
         return {
             "name": name,
-            "state": "paused" if paused else "never_run",
+            "state": SyncState.PAUSED if paused else SyncState.NEVER_RUN,
             "watermark": None,
             "last_run_at": None,
             "last_error": None,
@@ -152,10 +155,10 @@ def _entry(name: str, row: SyncStatus | None, backlog: int | None, *, paused: bo
             "owner": None,
             "last_success_at": None,
         }
-    state = "running" if row.running and row.state == "never_run" else row.state
+    state = SyncState.RUNNING if row.running and row.state is SyncState.NEVER_RUN else row.state
     return {
         "name": name,
-        "state": "paused" if paused else state,
+        "state": SyncState.PAUSED if paused else state,
         "watermark": display_value(row.watermark),
         "last_run_at": _iso(row.last_run_at),
         "last_error": row.last_error,
@@ -248,7 +251,7 @@ def render_pushes(rows: list[dict[str, Any]], width: int = 80) -> str:
         )
         detail = [f"{push['kind']}, attempt {push['attempt']}, {push['duration_ms']:,.0f} ms"]
         detail += [f"{name} {push[name]}" for name in ("trans_id", "correlation_id") if push[name]]
-        if push["description"] and push["outcome"] != "ack":
+        if push["description"] and push["outcome"] != PushOutcome.ACK:
             detail.append(push["description"])
         lines += textwrap.wrap(head, width, subsequent_indent="    ")
         lines += textwrap.wrap("; ".join(detail), width, initial_indent="    ", subsequent_indent="    ")

@@ -23,7 +23,8 @@ import orjson
 from syncd.delivery import Ack, Fence, classify
 from syncd.pipeline import BatchOutcome
 from syncd.source import Bound
-from syncd.state import Cursor, DeadLetter, LeaseLost, PushRecord, SyncStatus, key_text
+from syncd.errors import LeaseLost
+from syncd.values import Cursor, DeadLetter, PushRecord, SyncStatus, key_text
 
 # -- the model
 
@@ -206,7 +207,7 @@ class FakeState:
     crash_after: int | None = None  # commits that land; the next one kills the process
     lease: FakeLease | None = None
 
-    def acquire_lease(self, sync: str, ttl: timedelta) -> FakeLease | None:
+    def acquire_lease(self, sync: str, ttl: timedelta) -> FakeLease:
         self.lease = FakeLease(sync, ttl)
         return self.lease
 

@@ -191,7 +191,7 @@ def test_sighup_applies_mapping_and_interval_and_rejects_a_broken_config(crm, ap
     daemon.wait_event("config_reloaded", where=lambda e: e["changed"] == ["contacts"])
     for i in (21, 22):  # each arrives within seconds: the 60s interval is gone
         crm.insert([contact(i)])
-        wait_for(lambda: f"acct-{i}" in stored(api), 6, f"row {i} after the reload")
+        wait_for(lambda i=i: f"acct-{i}" in stored(api), 6, f"row {i} after the reload")
         assert stored(api)[f"acct-{i}"]["origin"] == "crm"
 
     # A broken file is refused with the reason; the running config keeps syncing.

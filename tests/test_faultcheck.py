@@ -22,8 +22,8 @@ import sqlalchemy as sa
 from syncd.config import SourceConfig
 from syncd.source import Source, TableReader
 
-from .faultcheck.checker import expected_record, judge
 from .crm import Crm
+from .faultcheck.checker import expected_record, judge
 from .faultcheck.harness import ADMIN_URL, Database, filter_supported, run
 from .faultcheck.plan import make_plan
 from .faultcheck.proxy import Proxy

@@ -13,7 +13,8 @@ import pytest
 
 from syncd.pipeline import BatchOutcome, Committer, handing_over
 from syncd.source import SourceError
-from syncd.state import Cursor, DeadLetter, LeaseLost
+from syncd.errors import LeaseLost
+from syncd.values import Cursor, DeadLetter
 
 
 def test_commits_that_queue_up_are_written_together_in_order():

@@ -362,9 +362,8 @@ def test_the_source_is_read_in_read_only_sessions(crm):
 
     source = Source("crm", SourceConfig(url=crm.url))
     try:
-        with pytest.raises(sa.exc.DBAPIError, match="(?i)read.only|readonly"):
-            with source.engine.begin() as conn:
-                conn.execute(sa.text("UPDATE contacts SET first_name = 'x'"))
+        with pytest.raises(sa.exc.DBAPIError, match="(?i)read.only|readonly"), source.engine.begin() as conn:
+            conn.execute(sa.text("UPDATE contacts SET first_name = 'x'"))
     finally:
         source.dispose()
 

@@ -18,9 +18,10 @@ import sqlalchemy as sa
 
 from syncd.cli import main
 from syncd.config import load_config
+from syncd.errors import LeaseHeldError, LeaseLost, StateError
 from syncd.runtime import Runtime
 from syncd.simulator import SimulatorConfig, start_in_thread
-from syncd.state import LeaseLost, StateError, StateStore
+from syncd.state import Lease, StateStore
 from syncd.status import StateUnavailable, collect_status
 
 from .crm import TOKEN, Crm, contact, pushed_records, wait_for, write_config
@@ -113,7 +114,7 @@ def test_an_owner_paused_past_its_lease_delivers_nothing_stale_when_it_resumes(c
     first.signal(signal.SIGSTOP)
     api.set_faults(throttle_rate=0.0, fail_rate=0.0)
     crm.update(range(1, 601), bump=False, first_name="After", updated_at=old(crm, 2))
-    second = daemons(scale_out_config(tmp_path / "b", crm, api, token=OTHER_TOKEN, batch=50))
+    daemons(scale_out_config(tmp_path / "b", crm, api, token=OTHER_TOKEN, batch=50))
     wait_for(
         lambda: set(stored_names(api).values()) == {"After"} and len(stored_names(api)) == 600,
         timeout=60,
@@ -140,19 +141,25 @@ def test_a_stalled_state_transaction_neither_blocks_a_takeover_nor_lives_on(post
     first.migrate()
     first.ensure_syncs(["contacts"])
     held = first.acquire_lease("contacts", lease)
-    assert held is not None
     stalled = first.engine.connect()  # the first daemon, stopped inside a state transaction
     stalled.execute(sa.text("SELECT 1 FROM syncs WHERE name = 'contacts' FOR UPDATE"))
     pid = stalled.connection.driver_connection.info.backend_pid
     try:
-        assert second.acquire_lease("contacts", lease) is None  # held: answered at once ...
+        with pytest.raises(LeaseHeldError):  # held: answered at once ...
+            second.acquire_lease("contacts", lease)
         with second.engine.connect() as conn:  # ... while the stalled session still holds the row
             state = conn.scalar(sa.text("SELECT state FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid})
         assert state == "idle in transaction"
         with pytest.raises(StateError, match="lock_timeout"):  # a write waits a bounded time, then says why
             held.renew()
 
-        taken = wait_for(lambda: second.acquire_lease("contacts", lease), what="the takeover")
+        def takeover() -> Lease | None:
+            try:
+                return second.acquire_lease("contacts", lease)
+            except LeaseHeldError:
+                return None
+
+        taken = wait_for(takeover, what="the takeover")
         assert taken.generation == held.generation + 1
         with pytest.raises(sa.exc.DBAPIError, match="idle-in-transaction"):  # the server ended it
             stalled.execute(sa.text("SELECT 1"))

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from syncd.config import SourceConfig, SyncConfig
 from syncd.source import Source, SourceError
-from syncd.state import Cursor
+from syncd.values import Cursor
 
 from .crm import Crm, contact, once, pushed_records, stored
 

@@ -12,15 +12,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from syncd.state import (
-    Cursor,
-    DeadLetter,
-    LeaseLost,
-    PushRecord,
-    StateStore,
-    decode_value,
-    encode_value,
-)
+from syncd.errors import LeaseHeldError, LeaseLost, StateError
+from syncd.state import StateStore, decode_value, encode_value
+from syncd.values import Cursor, DeadLetter, PushRecord
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -164,10 +158,61 @@ def test_a_lost_lease_commits_nothing(store):
 def test_only_one_owner_at_a_time_and_expired_leases_are_taken_over(store):
     first, second = store, StateStore(store.url)
     assert first.acquire_lease("contacts", timedelta(seconds=30))
-    assert not second.acquire_lease("contacts", timedelta(seconds=30))
+    with pytest.raises(LeaseHeldError) as held:
+        second.acquire_lease("contacts", timedelta(seconds=30))
+    assert held.value.owner == first.owner and held.value.expires_at > datetime.now(UTC)
+    assert f"sync contacts is held by {first.owner} until " in str(held.value)
     assert first.acquire_lease("contacts", timedelta(seconds=-1))  # renewed, but already expired
     assert second.acquire_lease("contacts", timedelta(seconds=30))
     second.close()
+
+
+STORE_CALLS = {
+    "migrate": lambda s: s.migrate(),
+    "ensure_syncs": lambda s: s.ensure_syncs(["contacts"]),
+    "status": lambda s: s.status(),
+    "cursor": lambda s: s.cursor("contacts"),
+    "acquire_lease": lambda s: s.acquire_lease("contacts", timedelta(seconds=30)),
+    "set_state": lambda s: s.set_state("contacts", "ok"),
+    "known_digests": lambda s: s.known_digests("contacts", ["1"]),  # the driver's cursor, not SQLAlchemy's
+    "commit_batch": lambda s: s.commit_batch("contacts", cursor=Cursor(1, 1), acked=[("1", b"d" * 16, b"s" * 16)]),
+    "pushes": lambda s: s.pushes("contacts"),
+    "dead_letters": lambda s: list(s.dead_letters("contacts")),
+    "digest_keys": lambda s: list(s.digest_keys("contacts")),
+}
+
+
+@pytest.mark.parametrize("call", STORE_CALLS, ids=str)
+def test_a_broken_state_database_is_a_one_line_state_error_from_every_method(tmp_path, call):
+    """No SQLAlchemy or driver error leaves the store: callers catch StateError alone."""
+    path = tmp_path / "state.db"
+    made = StateStore(f"sqlite:///{path}")
+    made.migrate()
+    made.close()
+    path.write_bytes(b"this is not a database" * 500)  # e.g. another file put in its place
+    store = StateStore(f"sqlite:///{path}")
+    with pytest.raises(StateError) as failed:
+        STORE_CALLS[call](store)
+    assert str(failed.value).startswith("state database, ") and "\n" not in str(failed.value)
+    assert failed.value.reason == "file is not a database"
+    store.close()
+
+
+def test_a_state_database_migrated_by_a_newer_syncd_is_a_state_error(tmp_path):
+    store = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+    store.migrate()
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))
+    with pytest.raises(StateError, match="migrating the schema: Can't locate revision identified by '9999'"):
+        store.migrate()
+    store.close()
+
+
+def test_a_state_database_syncd_cannot_use_is_a_state_error(tmp_path):
+    with pytest.raises(StateError, match="opening it: it must be SQLite or PostgreSQL, not mysql"):
+        StateStore("mysql+pymysql://root@127.0.0.1/test")
+    with pytest.raises(StateError, match="opening it: Could not parse SQLAlchemy URL"):
+        StateStore("not a url")
 
 
 def test_a_lease_of_a_dead_local_process_is_taken_over(store):
@@ -191,6 +236,27 @@ def test_one_open_dead_letter_per_key_resolved_by_a_later_push(store):
     assert list(store.dead_letters("contacts")) == []
     (resolved,) = store.dead_letters("contacts", include_resolved=True)
     assert resolved.resolution == "delivered"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_the_migrations_build_exactly_the_tables_state_py_describes(backend, tmp_path, request):
+    """state.py's metadata (what every query is written against) and the migrations (what
+    a database really has) are two spellings of one schema: Alembic finds no difference
+    between a freshly migrated database and the metadata, whatever the newest revision is."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from syncd.state import metadata
+
+    url = f"sqlite:///{tmp_path / 'state.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    store = StateStore(url)
+    store.migrate()
+    assert store.schema_is_current()
+    with store.engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
+        drift = compare_metadata(context, metadata)
+    store.close()
+    assert drift == []
 
 
 def test_migrations_run_from_the_built_wheel(tmp_path):
@@ -242,7 +308,7 @@ def test_a_takeover_fences_the_previous_generation_even_for_the_same_owner(store
     commit (or send) under the lease it held before."""
     old = store.acquire_lease("contacts", timedelta(seconds=-1))  # taken, and already run out
     other = StateStore(store.url)
-    assert other.acquire_lease("contacts", timedelta(seconds=-1)) is not None  # a takeover
+    assert other.acquire_lease("contacts", timedelta(seconds=-1))  # a takeover
     new = store.acquire_lease("contacts", timedelta(seconds=30))  # and back
     assert new.generation == old.generation + 2
     with pytest.raises(LeaseLost):
@@ -261,7 +327,8 @@ def test_leases_are_timed_by_the_state_databases_clock(store, monkeypatch):
     first, second = store, StateStore(store.url)
     assert first.acquire_lease("contacts", timedelta(seconds=30))
     monkeypatch.setattr(syncd.state, "utcnow", lambda: datetime.now(UTC) + timedelta(hours=1))
-    assert not second.acquire_lease("contacts", timedelta(seconds=30))  # an hour ahead: still held
+    with pytest.raises(LeaseHeldError):  # an hour ahead: still held
+        second.acquire_lease("contacts", timedelta(seconds=30))
     monkeypatch.undo()
     assert first.acquire_lease("contacts", timedelta(seconds=-1))  # renewed, already run out
     monkeypatch.setattr(syncd.state, "utcnow", lambda: datetime.now(UTC) - timedelta(hours=1))

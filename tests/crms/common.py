@@ -60,9 +60,8 @@ class CrmFixture:
     def late_transaction(self) -> Iterator[sa.Connection]:
         """A transaction that stays open while the test goes on and commits when the block
         ends: what a slow request of the CRM (a mass update, an import) looks like."""
-        with self.engine.connect() as conn:
-            with conn.begin():
-                yield conn
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
 
     def expected(self, person: Person) -> dict[str, str] | None:
         """The record the datastore must hold for `person` (None = never sent)."""

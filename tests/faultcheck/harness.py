@@ -337,14 +337,14 @@ def run(plan: Plan, workdir: Path, *, say: Callable[[str], None] = lambda line: 
         create_source(source, plan.rows)
 
         simulator.wait_ready()
-        common = dict(
-            api_url=simulator.url,
-            token_file=token_file,
-            interval_ms=plan.interval_ms,
-            settle_ms=plan.settle_ms,
-            batch=plan.batch,
-            soft_deletes=plan.soft_deletes,
-        )
+        common = {
+            "api_url": simulator.url,
+            "token_file": token_file,
+            "interval_ms": plan.interval_ms,
+            "settle_ms": plan.settle_ms,
+            "batch": plan.batch,
+            "soft_deletes": plan.soft_deletes,
+        }
         # An observer's view (no proxies), for `syncd status`.
         observer = write_config(
             workdir / "observer.toml", state_url=state_db.direct(), source_url=source_db.direct(), **common
