@@ -21,9 +21,9 @@ import httpx
 import orjson
 
 from syncd.delivery import Ack, Fence, classify
+from syncd.errors import LeaseLost
 from syncd.pipeline import BatchOutcome
 from syncd.source import Bound
-from syncd.errors import LeaseLost
 from syncd.values import Cursor, DeadLetter, PushRecord, SyncStatus, key_text
 
 # -- the model

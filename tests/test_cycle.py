@@ -19,7 +19,8 @@ from syncd.config import ApiConfig, SyncConfig
 from syncd.cycle import CycleReport, SyncRunner
 from syncd.metrics import Metrics
 from syncd.pipeline import _MERGE, COMMIT_QUEUE, BatchOutcome
-from syncd.state import Cursor, StateStore
+from syncd.state import StateStore
+from syncd.values import Cursor
 
 from .fakes import Crash, FakeApi, FakeFeed, FakeSource, FakeState
 

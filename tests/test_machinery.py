@@ -11,9 +11,9 @@ import threading
 
 import pytest
 
+from syncd.errors import LeaseLost
 from syncd.pipeline import BatchOutcome, Committer, handing_over
 from syncd.source import SourceError
-from syncd.errors import LeaseLost
 from syncd.values import Cursor, DeadLetter
 
 
