@@ -187,12 +187,14 @@ class SyncRunner:
         self._has_removals = False  # whether acknowledged keys may end a recorded removal
         self._duplicates_possible: bool | None = None  # None: not known yet (then they are looked for)
         self._duplicates: dict[str, int] | None = None  # the model's, during a full pass; else asked per batch
+        self._lease: Lease | None = None  # the last cycle's; a quiet cycle runs while it is held long enough
+        self._quiet = False  # whether the last cycle was an ok one with nothing to read
 
     # -- entry points
 
     def run_cycle(self) -> CycleReport:
         """Push everything changed since the watermark, up to the source's bound."""
-        return self._run("sync", self._changes)
+        return self._quiet_cycle() or self._run("sync", self._changes)
 
     def reconcile(self) -> CycleReport:
         """Compare every row with what was last acknowledged and push the differences."""
@@ -258,6 +260,36 @@ class SyncRunner:
 
     # -- the cycle
 
+    def _quiet_cycle(self) -> CycleReport | None:
+        """The cycle of a sync that stays quiet, or None when a full cycle is needed.
+
+        After an ok cycle that found nothing, while the lease it took is still held for
+        more than half its ttl, a cycle first counts the rows past the watermark (the
+        backlog query, an index seek). None means nothing to read, whatever the bound:
+        the cycle ends there, with no lease write, no state row write and no threads.
+        Any row, any error, a lease past its half-life (~30 s by default: the full cycle
+        renews it and refreshes the status row) or a change feed: the full cycle.
+        """
+        lease = self._lease
+        if not self._quiet or lease is None or lease.lost is not None or self.reader.feeds:
+            return None
+        if lease.held_until - time.monotonic() < lease.ttl.total_seconds() / 2:
+            return None
+        started = time.perf_counter()
+        try:
+            cursor = self.state.cursor(self.sync.name)
+            if self.reader.backlog(cursor, limit=1):
+                return None
+        except (SourceError, StateError, sa.exc.DBAPIError):
+            return None  # the full cycle says what failed
+        report = CycleReport(self.sync.name, kind="sync", watermark=cursor.watermark if cursor else None, backlog=0)
+        report.duration_s = time.perf_counter() - started
+        self.metrics.cycle(self.sync.name, report.duration_s, "ok")
+        self.metrics.set_last_success(self.sync.name, datetime.now(UTC))
+        self.metrics.set_backlog(self.sync.name, 0)
+        log.debug("cycle", sync=self.sync.name, **report.summary())
+        return report
+
     def _run(self, kind: str, batches: Callable[[CycleReport], Iterator[_Batch]]) -> CycleReport:
         report = CycleReport(self.sync.name, kind=kind)
         started = time.perf_counter()
@@ -274,6 +306,8 @@ class SyncRunner:
                 report.outcome, report.error = "skipped", str(error)
             report.duration_s = time.perf_counter() - started
             self._finish(report)
+        if kind == "sync":
+            self._quiet = report.outcome == "ok" and report.idle
         return report
 
     def _cycle(self, report: CycleReport, batches: Callable[[CycleReport], Iterator[_Batch]]) -> None:
@@ -296,6 +330,7 @@ class SyncRunner:
             held = f" (lease until {until:%H:%M:%S} UTC)" if until else ""
             report.outcome, report.error = "skipped", f"running on {owner or 'another syncd'}{held}"
             return
+        self._lease = lease
         deliverer = Deliverer(self.client, self.api, kind=report.kind, should_stop=self.should_stop, fence=lease)
         open_letters = self.state.open_dead_letter_count(self.sync.name) > 0
         self._has_removals = self.state.removal_count(self.sync.name) > 0

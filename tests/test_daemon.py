@@ -25,7 +25,9 @@ import psutil
 import pytest
 
 from syncd.cycle import CycleReport
-from syncd.daemon import ProgressLog, _warn_if_drain_outlasts_stop, effective_config
+from syncd.daemon import _warn_if_drain_outlasts_stop
+from syncd.progress import ProgressLog
+from syncd.reload import effective_config
 from syncd.simulator import SimulatorConfig, start_in_thread
 
 from .crm import TOKEN, Crm, contact, offload_children, wait_for, write_config
@@ -471,7 +473,7 @@ def test_an_idle_daemon_says_how_its_syncs_stand_once_in_a_while(tmp_path, monke
         tmp_path / "syncd.toml", source_url="sqlite://", api_url="http://127.0.0.1:9/x", state_url="sqlite://"
     )
     daemon = syncd.daemon.Daemon(path, load_config(path))
-    monkeypatch.setattr(daemon, "_scheduler_alive", lambda: True)
+    monkeypatch.setattr(daemon, "_ended_loops", lambda: [])
     out = io.StringIO()
     configure_logging("info", "json", out)
 
