@@ -278,7 +278,7 @@ class SyncRunner:
         started = time.perf_counter()
         try:
             cursor = self.state.cursor(self.sync.name)
-            if self.reader.backlog(cursor, limit=1):
+            if self.reader.any_after(cursor):
                 return None
         except (SourceError, StateError, sa.exc.DBAPIError):
             return None  # the full cycle says what failed
