@@ -534,3 +534,61 @@ def test_progress_is_rate_limited_and_estimates_the_rest():
         slow.begin("contacts", "sync")
         slow(CycleReport("contacts", rows_read=100))
     assert not logged  # shorter than the interval: nothing to report
+
+
+def test_each_sync_runs_its_cycles_one_at_a_time_and_a_slow_one_holds_up_no_other(tmp_path):
+    from datetime import timedelta
+
+    from syncd.config import load_config
+    from syncd.daemon import SyncLoop
+
+    path = write_config(
+        tmp_path / "syncd.toml", source_url="sqlite://", api_url="http://127.0.0.1:9/x", state_url="sqlite://"
+    )
+    base = load_config(path).syncs[0]
+    release = threading.Event()
+
+    class Runner:
+        stopped = None
+
+        def __init__(self, name: str, slow: bool) -> None:
+            self.name, self.slow = name, slow
+            self.running = self.most_at_once = self.cycles = 0
+
+        def run_cycle(self) -> CycleReport:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+            if self.slow:
+                release.wait(30)
+            self.running -= 1
+            self.cycles += 1
+            return CycleReport(self.name)
+
+    stop = threading.Event()
+    slow, fast = Runner("slow", slow=True), Runner("fast", slow=False)
+    loops = [
+        SyncLoop(
+            base.model_copy(update={"name": runner.name, "interval": timedelta(milliseconds=20), "reconcile": "off"}),
+            runner,  # type: ignore[arg-type]
+            runners={},
+            progress=ProgressLog(lambda: {}),
+            should_stop=stop.is_set,
+        )
+        for runner in (slow, fast)
+    ]
+    for loop in loops:
+        loop.start()
+    try:
+        wait_for(lambda: fast.cycles >= 5, 10, "the fast sync's cycles while the slow one's first is running")
+        assert (slow.cycles, slow.running) == (0, 1)
+        release.set()
+        wait_for(lambda: slow.cycles >= 3, 10, "the slow sync's next cycles")
+        assert loops[0].state == loops[1].state == "ok"
+    finally:
+        release.set()
+        stop.set()
+        for loop in loops:
+            loop.wake()
+            loop.thread.join(5)
+    assert not any(loop.thread.is_alive() for loop in loops)  # a stop ends every loop
+    assert slow.most_at_once == fast.most_at_once == 1
