@@ -264,11 +264,13 @@ class SyncRunner:
         """The cycle of a sync that stays quiet, or None when a full cycle is needed.
 
         After an ok cycle that found nothing, while the lease it took is still held for
-        more than half its ttl, a cycle first counts the rows past the watermark (the
-        backlog query, an index seek). None means nothing to read, whatever the bound:
-        the cycle ends there, with no lease write, no state row write and no threads.
-        Any row, any error, a lease past its half-life (~30 s by default: the full cycle
-        renews it and refreshes the status row) or a change feed: the full cycle.
+        more than half its ttl, a cycle first asks the source whether any row lies past
+        the watermark (one index seek). None: nothing to read, whatever the bound (§1
+        holds: a row committed later lies past the watermark and is found then), so the
+        cycle ends there, without a lease or status write, a transaction or a thread;
+        the lease still holds, so nothing can have taken the sync over (§9). Any row, any
+        error, a lease past half its ttl (30 s by default: the full cycle renews it and
+        refreshes the status row and the dead-letter gauge) or a change feed: the full cycle.
         """
         lease = self._lease
         if not self._quiet or lease is None or lease.lost is not None or self.reader.feeds:
