@@ -592,3 +592,29 @@ def test_each_sync_runs_its_cycles_one_at_a_time_and_a_slow_one_holds_up_no_othe
             loop.thread.join(5)
     assert not any(loop.thread.is_alive() for loop in loops)  # a stop ends every loop
     assert slow.most_at_once == fast.most_at_once == 1
+
+
+@pytest.mark.parametrize("crm", ["sqlite", "postgres", "mysql"], indirect=True)
+def test_a_quiet_sync_cycles_without_writing_the_state_and_still_sends_the_next_change(crm, api, tmp_path):
+    """Between the full cycles that renew the lease (every half lease), a sync with nothing
+    past its watermark neither renews its lease nor rewrites its status row."""
+    from syncd.config import load_config
+    from syncd.runtime import Runtime
+
+    crm.insert([contact(i) for i in range(1, 4)])
+    path = write_config(
+        tmp_path / "syncd.toml", source_url=crm.url, api_url=api.url, state_url=f"sqlite:///{tmp_path / 'state.db'}"
+    )
+    with Runtime.open(load_config(path)) as runtime:
+        runner = runtime.runners["contacts"]
+        assert runner.run_cycle().sent == 3
+        runner.run_cycle()  # nothing new: a full cycle, which takes the lease
+        lease, [status] = runtime.state.lease_holder("contacts"), runtime.state.status()
+        quiet = [runner.run_cycle() for _ in range(3)]
+        assert [(r.outcome, r.rows_read, r.backlog) for r in quiet] == [("ok", 0, 0)] * 3
+        assert runtime.state.lease_holder("contacts") == lease
+        assert runtime.state.status()[0].last_run_at == status.last_run_at
+
+        crm.update([2], first_name="Changed")
+        wait_for(lambda: runner.run_cycle().sent == 1, 10, "the changed row sent by a cycle")
+    assert stored(api)["acct-2"]["firstname"] == "Changed"
