@@ -109,6 +109,7 @@ class ModelReader(Protocol):
     def existing_keys(self, keys: Sequence[str]) -> set[str]: ...
     def duplicate_keys(self, keys: Sequence[str] | None = None) -> dict[str, int]: ...
     def backlog(self, cursor: Cursor | None, limit: int = 10_000_000) -> int: ...
+    def any_after(self, cursor: Cursor | None) -> bool: ...
 
 
 class CycleState(Protocol):
@@ -268,12 +269,14 @@ class SyncRunner:
         self._pipeline: Pipeline[_Batch] = Pipeline(
             sync.name, max_in_flight=api.max_in_flight, commit=self._commit, renew_every=lease.total_seconds() / 4
         )
+        self._lease: CycleLease | None = None  # the last cycle's; a quiet cycle runs while it is held long enough
+        self._quiet = False  # whether the last cycle was an ok one with nothing to read
 
     # -- entry points
 
     def run_cycle(self) -> CycleReport:
         """Push everything changed since the watermark, up to the source's bound."""
-        return self._run(CycleKind.SYNC, self._changes)
+        return self._quiet_cycle() or self._run(CycleKind.SYNC, self._changes)
 
     def reconcile(self) -> CycleReport:
         """Compare every row with what was last acknowledged and push the differences."""
@@ -339,6 +342,38 @@ class SyncRunner:
 
     # -- the cycle
 
+    def _quiet_cycle(self) -> CycleReport | None:
+        """The cycle of a sync that stays quiet, or None when a full cycle is needed.
+
+        After an ok cycle that found nothing, while the lease it took is still held for
+        more than half its ttl, a cycle first asks the source whether any row lies past
+        the watermark (one index seek). None: nothing to read, whatever the bound (§1
+        holds: a row committed later lies past the watermark and is found then), so the
+        cycle ends there, without a lease or status write, a transaction or a thread;
+        the lease still holds, so nothing can have taken the sync over (§9). Any row, any
+        error, a lease past half its ttl (30 s by default: the full cycle renews it and
+        refreshes the status row and the dead-letter gauge) or a change feed: the full cycle.
+        """
+        lease = self._lease
+        if not self._quiet or lease is None or lease.lost is not None or self.reader.feeds:
+            return None
+        if lease.held_until - time.monotonic() < lease.ttl.total_seconds() / 2:
+            return None
+        started = time.perf_counter()
+        try:
+            cursor = self.state.cursor(self.sync.name)
+            if self.reader.any_after(cursor):
+                return None
+        except (SourceError, StateError, sa.exc.DBAPIError):
+            return None  # the full cycle says what failed
+        report = CycleReport(self.sync.name, kind=CycleKind.SYNC, watermark=cursor.watermark if cursor else None, backlog=0)
+        report.duration_s = time.perf_counter() - started
+        self.metrics.cycle(self.sync.name, report.duration_s, CycleOutcome.OK)
+        self.metrics.set_last_success(self.sync.name, datetime.now(UTC))
+        self.metrics.set_backlog(self.sync.name, 0)
+        log.debug("cycle", sync=self.sync.name, **report.summary())
+        return report
+
     def _run(self, kind: CycleKind, batches: Callable[[CycleReport], Iterator[_Batch]]) -> CycleReport:
         report = CycleReport(self.sync.name, kind=kind)
         started = time.perf_counter()
@@ -353,6 +388,8 @@ class SyncRunner:
                 report.outcome, report.error = CycleOutcome.SKIPPED, str(error)
             report.duration_s = time.perf_counter() - started
             self._finish(report)
+        if kind == "sync":
+            self._quiet = report.outcome == CycleOutcome.OK and report.idle
         return report
 
     def _cycle(self, report: CycleReport, batches: Callable[[CycleReport], Iterator[_Batch]]) -> None:
@@ -375,6 +412,7 @@ class SyncRunner:
             until = f" (lease until {held.expires_at:%H:%M:%S} UTC)" if held.expires_at else ""
             report.outcome, report.error = CycleOutcome.SKIPPED, f"running on {held.owner or 'another syncd'}{until}"
             return
+        self._lease = lease
         deliverer = Deliverer(self.client, self.api, kind=report.kind, should_stop=self.should_stop, fence=lease)
         open_letters = self.state.open_dead_letter_count(self.sync.name) > 0
         self._has_removals = self.state.removal_count(self.sync.name) > 0

@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
+from datetime import timedelta
 from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
@@ -41,6 +42,8 @@ class CycleLease(Fence, Protocol):
     """The hold on a sync a cycle runs under (`state.Lease`)."""
 
     lost: str | None  # why, once lost
+    ttl: timedelta
+    held_until: float  # time.monotonic() until which the lease is provably ours
 
     def keep(self) -> Callable[[], None]: ...  # renews in the background; returns the stopper
 

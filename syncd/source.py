@@ -150,6 +150,7 @@ class TableReader:
         self._table: sa.FromClause | None = None
         self._provisional = False  # a SQLite query model probed while empty: its types are guesses
         self._sqlite_fraction: bool | None = None  # whether SQLite text times carry fractions
+        self._any_after: tuple[Any, sa.Select[Any]] | None = None  # (the table it was built for, the probe)
 
     # -- schema
 
@@ -431,15 +432,20 @@ class TableReader:
         wm, key = self._watermark_expr(), self.table.c[self.sync.key]
         if cursor.key is None:  # set by `reset --to`: everything at or after the watermark
             return wm >= sa.literal(cursor.watermark, wm.type)
+        return self._keyset(sa.literal(cursor.watermark, wm.type), sa.literal(cursor.key, key.type))
+
+    def _keyset(self, at: sa.ColumnElement[Any], key_at: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
+        """`(wm, key) > (at, key_at)`, written so that each database's planner seeks the index."""
+        wm, key = self._watermark_expr(), self.table.c[self.sync.key]
         if self.dialect in ("mysql", "mariadb"):
             # MySQL's optimiser does not turn row-value comparisons into index ranges reliably.
-            return sa.and_(wm >= cursor.watermark, sa.or_(wm > cursor.watermark, key > cursor.key))
-        after = sa.tuple_(wm, key) > sa.tuple_(sa.literal(cursor.watermark, wm.type), sa.literal(cursor.key, key.type))
+            return sa.and_(wm >= at, sa.or_(wm > at, key > key_at))
+        after = sa.tuple_(wm, key) > sa.tuple_(at, key_at)
         if self.dialect == "postgresql":
             # Implied by the row comparison, but the planner can only estimate and range-scan
             # on the watermark alone when the key comes from another table of a query (a feed's
             # `r.bean_id` with `ea.date_modified`): without it a quiet feed is planned as a full join.
-            return sa.and_(wm >= sa.literal(cursor.watermark, wm.type), after)
+            return sa.and_(wm >= at, after)
         return after
 
     # -- the bound
@@ -837,6 +843,25 @@ class TableReader:
                 raise SourceError(describe_db_error(self.source, error)) from None
             if count < CHUNK_ROWS:
                 return
+
+    def any_after(self, cursor: Cursor | None) -> bool:
+        """Whether any row lies past `cursor`: a quiet sync's whole cycle, so it is kept
+        cheap. One index seek, on a statement built once with bound parameters (building
+        and keying a SQLAlchemy statement costs more than the query), outside a transaction."""
+        if cursor is None or cursor.key is None or (self.feed and self.sync.filter is not None):
+            return self.backlog(cursor, limit=1) > 0
+        table = self.table
+        if self._any_after is None or self._any_after[0] is not table:  # built for a table re-probed since
+            wm, key = self._watermark_expr(), table.c[self.sync.key]
+            condition = self._keyset(sa.bindparam("wm", type_=wm.type), sa.bindparam("key", type_=key.type))
+            self._any_after = (table, sa.select(sa.literal(1)).select_from(table).where(condition).limit(1))
+        try:
+            with self.source.engine.connect() as conn:
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+                found = conn.execute(self._any_after[1], {"wm": cursor.watermark, "key": cursor.key}).first()
+        except sa.exc.DBAPIError as error:
+            raise SourceError(describe_db_error(self.source, error)) from None
+        return found is not None
 
     def backlog(self, cursor: Cursor | None, limit: int = 10_000_000) -> int:
         """Rows past the watermark, counted through the index and capped, so it stays cheap."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -134,6 +135,9 @@ class FakeSource:
     def backlog(self, cursor: Cursor | None, limit: int = 10_000_000) -> int:
         return min(limit, len(self._after(cursor)))
 
+    def any_after(self, cursor: Cursor | None) -> bool:
+        return bool(self._after(cursor))
+
 
 class FakeFeed:
     """A change feed's table: rows `(model key, watermark)`, read in (watermark, key) order."""
@@ -169,13 +173,16 @@ class FakeLease:
     def __init__(self, sync: str, ttl: timedelta) -> None:
         self.sync, self.ttl = sync, ttl
         self.lost: str | None = None
+        self.held_until = time.monotonic() + ttl.total_seconds()
 
     def check(self) -> None:
         if self.lost is not None:
             raise LeaseLost(self.sync, self.lost)
 
-    def ensure(self, seconds: float) -> None:
+    def ensure(self, seconds: float) -> float:
         self.check()
+        self.held_until = time.monotonic() + self.ttl.total_seconds()
+        return self.held_until
 
     def keep(self) -> Callable[[], None]:
         return lambda: None

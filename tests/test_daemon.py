@@ -22,7 +22,9 @@ import psutil
 import pytest
 
 from syncd.cycle import CycleReport
-from syncd.daemon import ProgressLog, _warn_if_drain_outlasts_stop, effective_config
+from syncd.daemon import _warn_if_drain_outlasts_stop
+from syncd.progress import ProgressLog
+from syncd.reload import effective_config
 
 from .crm import TOKEN, Crm, RunningDaemon, contact, offload_children, stored, syncd, wait_for, write_config
 
@@ -383,7 +385,7 @@ def test_an_idle_daemon_says_how_its_syncs_stand_once_in_a_while(tmp_path, monke
         tmp_path / "syncd.toml", source_url="sqlite://", api_url="http://127.0.0.1:9/x", state_url="sqlite://"
     )
     daemon = syncd.daemon.Daemon(path, load_config(path))
-    monkeypatch.setattr(daemon, "_scheduler_alive", lambda: True)
+    monkeypatch.setattr(daemon, "_ended_loops", lambda: [])
     out = io.StringIO()
     configure_logging("info", "json", out)
 
@@ -458,3 +460,87 @@ def test_progress_is_rate_limited_and_estimates_the_rest():
         slow.begin("contacts", "sync")
         slow(CycleReport("contacts", rows_read=100))
     assert not logged  # shorter than the interval: nothing to report
+
+
+def test_each_sync_runs_its_cycles_one_at_a_time_and_a_slow_one_holds_up_no_other(tmp_path):
+    from datetime import timedelta
+
+    from syncd.config import load_config
+    from syncd.daemon import SyncLoop
+
+    path = write_config(
+        tmp_path / "syncd.toml", source_url="sqlite://", api_url="http://127.0.0.1:9/x", state_url="sqlite://"
+    )
+    base = load_config(path).syncs[0]
+    release = threading.Event()
+
+    class Runner:
+        stopped = None
+
+        def __init__(self, name: str, slow: bool) -> None:
+            self.name, self.slow = name, slow
+            self.running = self.most_at_once = self.cycles = 0
+
+        def run_cycle(self) -> CycleReport:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+            if self.slow:
+                release.wait(30)
+            self.running -= 1
+            self.cycles += 1
+            return CycleReport(self.name)
+
+    stop = threading.Event()
+    slow, fast = Runner("slow", slow=True), Runner("fast", slow=False)
+    loops = [
+        SyncLoop(
+            base.model_copy(update={"name": runner.name, "interval": timedelta(milliseconds=20), "reconcile": "off"}),
+            runner,  # type: ignore[arg-type]
+            runners={},
+            progress=ProgressLog(lambda: {}),
+            should_stop=stop.is_set,
+        )
+        for runner in (slow, fast)
+    ]
+    for loop in loops:
+        loop.start()
+    try:
+        wait_for(lambda: fast.cycles >= 5, 10, "the fast sync's cycles while the slow one's first is running")
+        assert (slow.cycles, slow.running) == (0, 1)
+        release.set()
+        wait_for(lambda: slow.cycles >= 3, 10, "the slow sync's next cycles")
+        assert loops[0].state == loops[1].state == "ok"
+    finally:
+        release.set()
+        stop.set()
+        for loop in loops:
+            loop.wake()
+            loop.thread.join(5)
+    assert not any(loop.thread.is_alive() for loop in loops)  # a stop ends every loop
+    assert slow.most_at_once == fast.most_at_once == 1
+
+
+@pytest.mark.parametrize("crm", ["sqlite", "postgres", "mysql"], indirect=True)
+def test_a_quiet_sync_cycles_without_writing_the_state_and_still_sends_the_next_change(crm, api, tmp_path):
+    """Between the full cycles that renew the lease (every half lease), a sync with nothing
+    past its watermark neither renews its lease nor rewrites its status row."""
+    from syncd.config import load_config
+    from syncd.runtime import Runtime
+
+    crm.insert([contact(i) for i in range(1, 4)])
+    path = write_config(
+        tmp_path / "syncd.toml", source_url=crm.url, api_url=api.url, state_url=f"sqlite:///{tmp_path / 'state.db'}"
+    )
+    with Runtime.open(load_config(path)) as runtime:
+        runner = runtime.runners["contacts"]
+        assert runner.run_cycle().sent == 3
+        runner.run_cycle()  # nothing new: a full cycle, which takes the lease
+        lease, [status] = runtime.state.lease_holder("contacts"), runtime.state.status()
+        quiet = [runner.run_cycle() for _ in range(3)]
+        assert [(r.outcome, r.rows_read, r.backlog) for r in quiet] == [("ok", 0, 0)] * 3
+        assert runtime.state.lease_holder("contacts") == lease
+        assert runtime.state.status()[0].last_run_at == status.last_run_at
+
+        crm.update([2], first_name="Changed")
+        wait_for(lambda: runner.run_cycle().sent == 1, 10, "the changed row sent by a cycle")
+    assert stored(api)["acct-2"]["firstname"] == "Changed"
