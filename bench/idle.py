@@ -35,6 +35,8 @@ from common import FIELDS
 from psycopg import sql
 from run import SYNCD, simulator
 
+from syncd.config_text import render_config
+
 SCHEMA = "bench_idle"
 
 
@@ -71,46 +73,32 @@ def create_tables(dsn: str, count: int, rows: int) -> None:
 def write_config(
     path: Path, *, syncs: int, source_url: str, api_url: str, token_file: Path, state: Path, metrics: str
 ) -> Path:
-    parts = [
-        f"""# written by bench/idle.py
-[state]
-url = "sqlite:///{state}"
-
-[metrics]
-listen = "{metrics}"
-
-[log]
-level = "warning"
-format = "json"
-
-[api]
-url = "{api_url}"
-token_file = "{token_file}"
-requests_per_second = 0
-
-[sources.crm]
-url = "{source_url}"
-"""
-    ]
-    for n in range(syncs):
-        parts.append(
-            f"""
-[[syncs]]
-name = "t{n:03d}"
-source = "crm"
-table = "{SCHEMA}.t{n:03d}"
-key = "id"
-watermark = "updated_at"
-interval = "1s"
-settle = "0s"
-reconcile = "off"
-datastore_id = "{1000 + n}"
-feed_id = "{2000 + n}"
-
-[syncs.fields]
-{FIELDS}"""
+    path.write_text(
+        render_config(
+            comment="written by bench/idle.py",
+            state={"url": f"sqlite:///{state}"},
+            metrics={"listen": metrics},
+            log={"level": "warning", "format": "json"},
+            api={"url": api_url, "token_file": str(token_file), "requests_per_second": 0},
+            sources={"crm": {"url": source_url}},
+            syncs=[
+                {
+                    "name": f"t{n:03d}",
+                    "source": "crm",
+                    "table": f"{SCHEMA}.t{n:03d}",
+                    "key": "id",
+                    "watermark": "updated_at",
+                    "interval": "1s",
+                    "settle": "0s",
+                    "reconcile": "off",
+                    "datastore_id": str(1000 + n),
+                    "feed_id": str(2000 + n),
+                    "fields": FIELDS,
+                }
+                for n in range(syncs)
+            ],
         )
-    path.write_text("".join(parts))
+    )
     return path
 
 

@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import orjson
 import sqlalchemy as sa
@@ -65,6 +65,8 @@ AUTH_BACKOFF_START = timedelta(seconds=5)
 AUTH_BACKOFF_MAX = timedelta(minutes=5)
 FINGERPRINT_ROWS = 5_000  # keys compared per state lookup in a reconcile
 OFFLOAD_AHEAD = 8  # batches a child process may map ahead of the sync thread
+QUIET_FULL_CYCLE_S = 300.0  # a quiet sync's full cycle (status row, dead-letter gauge) at least this often
+_UNREAD = object()
 NAMED_IN_LOG = 20  # trans_ids and dead-lettered keys the cycle line names; the rest are in the state db
 
 
@@ -271,6 +273,8 @@ class SyncRunner:
         )
         self._lease: CycleLease | None = None  # the last cycle's; a quiet cycle runs while it is held long enough
         self._quiet = False  # whether the last cycle was an ok one with nothing to read
+        self._full_cycle_at = 0.0  # time.monotonic() of the last full cycle
+        self._quiet_cursor: object = _UNREAD  # the watermark quiet cycles look past, read once after a full cycle
 
     # -- entry points
 
@@ -345,26 +349,35 @@ class SyncRunner:
     def _quiet_cycle(self) -> CycleReport | None:
         """The cycle of a sync that stays quiet, or None when a full cycle is needed.
 
-        After an ok cycle that found nothing, while the lease it took is still held for
-        more than half its ttl, a cycle first asks the source whether any row lies past
-        the watermark (one index seek). None: nothing to read, whatever the bound (§1
-        holds: a row committed later lies past the watermark and is found then), so the
-        cycle ends there, without a lease or status write, a transaction or a thread;
-        the lease still holds, so nothing can have taken the sync over (§9). Any row, any
-        error, a lease past half its ttl (30 s by default: the full cycle renews it and
-        refreshes the status row and the dead-letter gauge) or a change feed: the full cycle.
+        After an ok cycle that found nothing, while the lease it took is still held, a
+        cycle asks the source whether any row lies past the watermark (one index seek).
+        None: nothing to read, whatever the bound (§1 holds: a row committed later lies
+        past the watermark and is found then), so the cycle ends there, without a status
+        write, a transaction or a thread; the lease is still ours, so nothing can have
+        taken the sync over (§9), and past half its ttl it is renewed here (one UPDATE).
+        The watermark is read once after each full cycle: while the lease is ours only our
+        own commits move it (a `reset --force` under a running daemon lands at the next full
+        cycle). Any row, any error, a lease that could not be renewed, a change feed, or
+        QUIET_FULL_CYCLE_S since the last full cycle (which refreshes the status row and
+        the dead-letter gauge): the full cycle.
         """
         lease = self._lease
         if not self._quiet or lease is None or lease.lost is not None or self.reader.feeds:
             return None
-        if lease.held_until - time.monotonic() < lease.ttl.total_seconds() / 2:
+        if time.monotonic() - self._full_cycle_at > QUIET_FULL_CYCLE_S:
             return None
         started = time.perf_counter()
         try:
-            cursor = self.state.cursor(self.sync.name)
+            if lease.held_until - time.monotonic() < lease.ttl.total_seconds() / 2:
+                lease.renew()  # a state database error leaves it as it was: checked below
+                if lease.held_until - time.monotonic() < lease.ttl.total_seconds() / 2:
+                    return None
+            if self._quiet_cursor is _UNREAD:  # only a commit of ours moves it while the lease is ours
+                self._quiet_cursor = self.state.cursor(self.sync.name)
+            cursor = cast(Cursor | None, self._quiet_cursor)
             if self.reader.any_after(cursor):
                 return None
-        except (SourceError, StateError, sa.exc.DBAPIError):
+        except (SourceError, StateError, LeaseLost, sa.exc.DBAPIError):
             return None  # the full cycle says what failed
         report = CycleReport(self.sync.name, kind=CycleKind.SYNC, watermark=cursor.watermark if cursor else None, backlog=0)
         report.duration_s = time.perf_counter() - started
@@ -390,6 +403,8 @@ class SyncRunner:
             self._finish(report)
         if kind == "sync":
             self._quiet = report.outcome == CycleOutcome.OK and report.idle
+            self._full_cycle_at = time.monotonic()
+            self._quiet_cursor = _UNREAD
         return report
 
     def _cycle(self, report: CycleReport, batches: Callable[[CycleReport], Iterator[_Batch]]) -> None:

@@ -46,6 +46,7 @@ class CycleLease(Fence, Protocol):
     held_until: float  # time.monotonic() until which the lease is provably ours
 
     def keep(self) -> Callable[[], None]: ...  # renews in the background; returns the stopper
+    def renew(self) -> None: ...  # now; a state database error leaves the lease as it was
 
 
 class Outgoing(Protocol):

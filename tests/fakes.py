@@ -187,6 +187,10 @@ class FakeLease:
     def keep(self) -> Callable[[], None]:
         return lambda: None
 
+    def renew(self) -> None:
+        self.check()
+        self.held_until = time.monotonic() + self.ttl.total_seconds()
+
     def lose(self, reason: str) -> None:
         self.lost = reason
 

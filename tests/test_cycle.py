@@ -9,12 +9,14 @@ over real databases and the simulator.
 from __future__ import annotations
 
 import inspect
+import time
 from dataclasses import dataclass, fields
 from datetime import timedelta
 from typing import Any
 
 import pytest
 
+from syncd import cycle
 from syncd.config import ApiConfig, SyncConfig
 from syncd.cycle import CycleReport, SyncRunner
 from syncd.metrics import Metrics
@@ -377,3 +379,44 @@ def test_merging_two_outcomes_keeps_the_later_position_and_adds_up_the_rest():
     assert merged.cursor == Cursor(1, 1)  # a batch without a position keeps the one before
     assert [key for key, _, _ in merged.acked] == ["1", "2"]
     assert dict(merged.feed_cursors) == {"a": Cursor(2, 2), "b": Cursor(1, 1)}
+
+
+# -- a quiet sync (nothing past its watermark): one probe per cycle, §1 and §9 kept
+
+
+def quiet_sync() -> Sync:
+    sync = make_sync(2)
+    sync.cycle()  # the backfill
+    sync.cycle()  # an ok cycle that found nothing: quiet from here on
+    return sync
+
+
+def test_a_quiet_sync_still_sends_the_next_change():
+    sync = quiet_sync()
+    sync.source.put(3, 3, phone="+447946000003", first_name="name 3")
+
+    assert sync.cycle().sent == 1
+    assert sync.state.cursor_ == Cursor(3, 3)
+
+
+def test_a_quiet_sync_renews_its_lease_without_a_full_cycle():
+    sync = quiet_sync()
+    commits, lease = len(sync.state.commits), sync.state.lease
+    assert lease is not None
+    lease.held_until = time.monotonic() + 1  # past half its 60 s
+
+    report = sync.cycle()
+
+    assert report.outcome == "ok"
+    assert sync.state.lease is lease and len(sync.state.commits) == commits  # no full cycle
+    assert lease.held_until > time.monotonic() + 30
+
+
+def test_a_quiet_sync_runs_a_full_cycle_now_and_then(monkeypatch):
+    sync = quiet_sync()
+    lease = sync.state.lease
+    monkeypatch.setattr(cycle, "QUIET_FULL_CYCLE_S", 0.0)
+
+    sync.cycle()
+
+    assert sync.state.lease is not lease  # the full cycle took the lease again
