@@ -628,29 +628,26 @@ class StateStore:
                 result = conn.execute(update.values(**values))
                 if lease is not None and result.rowcount != 1:
                     lease.lose("another syncd took this sync over")
+            # One INSERT ... RETURNING per push (a batch has one, a split batch a few): a
+            # multi-row RETURNING in parameter order needs SQLAlchemy 2.0.10, above our floor.
             push_ids: dict[int, int] = {}  # id() of a PushRecord → its row's id
-            if pushes:
-                rows = conn.execute(
-                    pushes_table.insert().returning(pushes_table.c.id, sort_by_parameter_order=True),
-                    [
-                        {
-                            "sync": sync,
-                            "kind": p.kind,
-                            "sent_at": p.sent_at,
-                            "record_count": p.record_count,
-                            "http_status": p.http_status,
-                            "api_code": p.api_code,
-                            "description": p.description,
-                            "trans_id": p.trans_id,
-                            "correlation_id": p.correlation_id,
-                            "attempt": p.attempt,
-                            "duration_ms": p.duration_ms,
-                            "outcome": p.outcome,
-                        }
-                        for p in pushes
-                    ],
-                )
-                push_ids = dict(zip(map(id, pushes), rows.scalars(), strict=True))
+            insert_push = pushes_table.insert().returning(pushes_table.c.id)
+            for p in pushes:
+                row = {
+                    "sync": sync,
+                    "kind": p.kind,
+                    "sent_at": p.sent_at,
+                    "record_count": p.record_count,
+                    "http_status": p.http_status,
+                    "api_code": p.api_code,
+                    "description": p.description,
+                    "trans_id": p.trans_id,
+                    "correlation_id": p.correlation_id,
+                    "attempt": p.attempt,
+                    "duration_ms": p.duration_ms,
+                    "outcome": p.outcome,
+                }
+                push_ids[id(p)] = conn.execute(insert_push, row).scalar_one()
             if acked:
                 carried = list(map(push_ids.get, map(id, acked_by))) if len(acked_by) == len(acked) else None
                 self._upsert_digests(conn, sync, acked, carried)
