@@ -260,7 +260,9 @@ class FakeState:
     def removal_count(self, sync: str) -> int:
         return len(self.removals)
 
-    def set_state(self, sync: str, state: str, *, error: str | None = None, backlog: int | None = None) -> None:
+    def set_state(
+        self, sync: str, state: str, *, error: str | None = None, ran: bool = True, backlog: int | None = None
+    ) -> None:  # CycleState.set_state's signature
         self.status, self.error = state, error
 
     def sync_status(self, sync: str) -> SyncStatus | None:
