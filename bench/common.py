@@ -50,7 +50,7 @@ def write_config(
         render_config(
             comment="written by bench/run.py",
             state={"url": state_url},
-            log={"level": "info", "format": "json"},
+            log={"level": "debug", "format": "json"},  # an idle cycle's line is at debug; syncd logs nothing else there
             api={
                 "url": api_url,
                 "token_file": str(token_file),

@@ -3,7 +3,8 @@
 `cycle.py` decides what a batch is and what its answer means (the policy); this module
 only moves batches through, with the ordering rules of DESIGN.md §3 that hold whatever
 the batches carry:
-- up to `max_in_flight` batches are on the wire while the next one is read;
+- up to `max_in_flight` batches are sent and not yet committed while the next one is read
+  (a batch counts until its commit, not its ACK: a crash resends at most those);
 - answers are handed back in read order, never out of it, even when a later batch's
   ACK comes first, and each one says whether any batch up to it failed (from the first
   failure on, no position may be committed and no new batch is sent);
@@ -60,9 +61,6 @@ class Outgoing(Protocol):
 
 
 B = TypeVar("B", bound=Outgoing)
-
-COMMIT_QUEUE = 4  # outcomes waiting for the committer: acknowledged, not yet written (a crash resends them)
-
 
 def _added(first: list[Any], then: list[Any]) -> list[Any]:
     return [*first, *then]
@@ -184,6 +182,8 @@ class Pipeline(Generic[B]):
             try:
                 for batch in batches:
                     lease.check()  # lost: this batch and the rest of the cycle are dropped
+                    # Sent and not yet committed stays within max_in_flight: what a crash resends.
+                    committer.wait_uncommitted(at_most=self.max_in_flight - 1 - len(pending))
                     pending.append((_submit(pool, send, batch), batch))
                     full = len(pending) >= self.max_in_flight
                     if full or pending[0][0].done():
@@ -262,7 +262,9 @@ class Committer:
     The database does its work (SQLite releases the GIL while it writes) while the sync
     thread reads and maps the next batches. Commits still happen only after the ACK and
     in read order; the queue is short, so the state never falls far behind, and
-    `close()` waits for the last commit and re-raises any failure (LeaseLost included).
+    `close()` waits for the last commit and re-raises any failure (LeaseLost included);
+    `wait_uncommitted` lets the pipeline hold back the next batch while too many
+    acknowledged ones wait for their commit.
     After a failed commit nothing more is written, not even batches answered later: their
     position lies past the batches that failed to commit.
     When commits queue up (a backfill), the waiting ones go into one transaction: they
@@ -271,7 +273,9 @@ class Committer:
 
     def __init__(self, commit: Callable[[BatchOutcome], None], *, name: str) -> None:
         self._commit = commit
-        self._queue: queue.Queue[BatchOutcome | None] = queue.Queue(maxsize=COMMIT_QUEUE)
+        self._queue: queue.Queue[BatchOutcome | None] = queue.Queue()
+        self._uncommitted = 0  # queued or being written
+        self._committed = threading.Condition()
         self._error: BaseException | None = None
         self._raised = False
         context = contextvars.copy_context()
@@ -281,7 +285,15 @@ class Committer:
     def commit(self, outcome: BatchOutcome) -> None:
         """Queue one outcome."""
         self._raise()
+        with self._committed:
+            self._uncommitted += 1
         self._queue.put(outcome)
+
+    def wait_uncommitted(self, *, at_most: int) -> None:
+        """Wait until at most `at_most` outcomes are queued or being written (or a commit failed)."""
+        with self._committed:
+            self._committed.wait_for(lambda: self._uncommitted <= at_most or self._error is not None)
+        self._raise()
 
     def flush(self) -> None:
         """Wait until everything queued so far is committed."""
@@ -322,6 +334,9 @@ class Committer:
                     self._commit(item)
                 except BaseException as error:  # handed to the sync thread
                     self._error = error
+            with self._committed:
+                self._uncommitted -= taken - closing  # the closing None was never counted
+                self._committed.notify_all()
             for _ in range(taken):
                 self._queue.task_done()
 
