@@ -1028,6 +1028,10 @@ def _upsert_statement(mark: str, rows: int, *, one_push: bool) -> str:
     )
 
 
+WAL_CHECKPOINT_PAGES = 10_000
+WAL_SIZE_LIMIT = 64 * 2**20
+
+
 def _create_engine(url: str, lease: timedelta) -> sa.Engine:
     parsed = sa.make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -1043,6 +1047,12 @@ def _create_engine(url: str, lease: timedelta) -> sa.Engine:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA busy_timeout=30000")
+            # A backfill's digests land on random pages of a large index (uuid keys); a
+            # checkpoint every 10,000 WAL pages (40 MB) instead of 1,000 copies each page
+            # back once for many commits (1M SuiteCRM contacts: 46 -> 40 s). The WAL file is
+            # cut back to 64 MB after a checkpoint.
+            cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+            cursor.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             cursor.close()
 
         return engine
