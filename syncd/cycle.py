@@ -44,6 +44,7 @@ from syncd.mapping import MappedRows, Mapping, compile_mapping, digest_target, m
 from syncd.metrics import Metrics
 from syncd.offload import Offload
 from syncd.pipeline import Answer, BatchOutcome, CycleLease, Pipeline, handing_over
+from syncd.seen import SeenKeys
 from syncd.source import Bound, SchemaProblem, SourceError, bound_before, prefetched, shift_bound
 from syncd.values import (
     Cursor,
@@ -122,6 +123,7 @@ class CycleState(Protocol):
     def cursor(self, sync: str) -> Cursor | None: ...
     def feed_cursor(self, sync: str, feed: str) -> Cursor | None: ...
     def has_digests(self, sync: str) -> bool: ...
+    def digest_count(self, sync: str) -> int: ...
     def known_digests(self, sync: str, keys: Sequence[str]) -> dict[str, bytes]: ...
     def known_source_hashes(self, sync: str, keys: Sequence[str]) -> dict[str, bytes]: ...
     def digest_keys(self, sync: str, batch: int = 5000) -> Iterator[list[str]]: ...
@@ -563,11 +565,13 @@ class SyncRunner:
         self._pass_complete = False
         name, size = self.sync.name, self.api.max_batch_records
         fast = self.state.mapping_hash(name) == self.mapping_hash
+        seen = SeenKeys(self.state.digest_count(name))
         if fast and self.reader.source_hash_index is not None:
             # The server fingerprints the rows: read keys and fingerprints only, in big
             # chunks, then the full rows of just the stale keys.
             filtered = self.reader.has_membership()
             for found in prefetched(self.reader.fingerprints(FINGERPRINT_ROWS, membership=filtered)):
+                seen.add(key_text(item[0]) for item in found)
                 outside = [key_text(item[0]) for item in found if not item[-1]] if filtered else []
                 pairs = [item for item in found if item[-1]] if outside else found
                 keys = [key_text(item[0]) for item in pairs]
@@ -582,6 +586,7 @@ class SyncRunner:
         else:
             hash_of = self.reader.source_hash
             for read in self.reader.all_rows(size, membership=True):
+                seen.add(key_text(row[0]) for row in read)
                 if not fast:
                     yield self._prepare(read, cursor=None, refresh=True)
                     continue
@@ -595,11 +600,13 @@ class SyncRunner:
                 batch.unchanged_keys.extend(key for key in keys if key not in stale_keys)
                 self._left_filter(batch, outside)
                 yield batch
-        # Keys acknowledged once that the model no longer has at all.
+        # Keys acknowledged once that the model no longer has at all: stored, not read by
+        # this pass (seen.py), and confirmed absent by the source.
         yield _Batch(cursor=None, barrier=True)
         for keys in self.state.digest_keys(name, FINGERPRINT_ROWS):
-            present = self.reader.existing_keys(keys)
-            missing = [key for key in keys if key not in present]
+            unseen = seen.unseen(keys)
+            present = self.reader.existing_keys(unseen) if unseen else set()
+            missing = [key for key in unseen if key not in present]
             if missing:
                 batch = _Batch(cursor=None)
                 self._leave(batch, missing, "not in the model")

@@ -546,6 +546,10 @@ class StateStore:
         with self._connection("reading digests") as conn:
             return conn.scalar(sa.select(digests_table.c.key).where(digests_table.c.sync == sync).limit(1)) is not None
 
+    def digest_count(self, sync: str) -> int:
+        with self._connection("reading digests") as conn:
+            return conn.scalar(sa.select(sa.func.count()).select_from(digests_table).where(digests_table.c.sync == sync)) or 0
+
     def known_digests(self, sync: str, keys: Sequence[str]) -> dict[str, bytes]:
         """Digests of the last acknowledged payloads for `keys` (one query per batch)."""
         return self._lookup("digest", sync, keys)

@@ -234,6 +234,9 @@ class FakeState:
     def has_digests(self, sync: str) -> bool:
         return bool(self.digests)
 
+    def digest_count(self, sync: str) -> int:
+        return len(self.digests)
+
     def known_digests(self, sync: str, keys: Sequence[str]) -> dict[str, bytes]:
         return {key: self.digests[key][0] for key in keys if key in self.digests}
 
