@@ -311,13 +311,14 @@ class _Simulator:
     # -- add contacts ----------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        started = time.time()
+        started, generation = time.time(), self.generation
         meta: dict[str, Any] = {"key": None, "records": 0, "datastore_id": None, "feed_id": None}
         if request.method != "POST":
             reply = _error(405, 405)
         else:
             reply = await self._post(request, meta)
-        self._record(started, request, reply, meta)
+        if generation == self.generation:  # a request from before a reset (a delayed answer) is not counted after it
+            self._record(started, request, reply, meta)
         if reply.status is None:
             # Close without a byte of response: the client sees a connection error
             # and cannot know whether anything was accepted (nothing was).
