@@ -571,10 +571,13 @@ class SyncRunner:
             # chunks, then the full rows of just the stale keys.
             filtered = self.reader.has_membership()
             for found in prefetched(self.reader.fingerprints(FINGERPRINT_ROWS, membership=filtered)):
-                seen.add(key_text(item[0]) for item in found)
-                outside = [key_text(item[0]) for item in found if not item[-1]] if filtered else []
-                pairs = [item for item in found if item[-1]] if outside else found
-                keys = [key_text(item[0]) for item in pairs]
+                keys = [key_text(item[0]) for item in found]
+                seen.add(keys)  # the same str objects as the lookups below: each key is hashed once
+                pairs: Sequence[Sequence[Any]] = found
+                outside = [key for key, item in zip(keys, found, strict=True) if not item[-1]] if filtered else []
+                if outside:
+                    inside = [(key, item) for key, item in zip(keys, found, strict=True) if item[-1]]
+                    keys, pairs = [key for key, _ in inside], [item for _, item in inside]
                 stored = self.state.known_source_hashes(name, keys)
                 stale = [key for key, item in zip(keys, pairs, strict=True) if stored.get(key) != item[1]]
                 stale_keys = set(stale)

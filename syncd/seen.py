@@ -3,15 +3,15 @@
 A reconcile finds the keys the model no longer has: those with a digest that the pass
 did not read. Asking the source about every stored key (an `IN (...)` lookup per 500)
 costs more than the pass itself; remembering every key read costs memory in proportion
-to the table. `SeenKeys` is a bitmap of salted key hashes (a Bloom filter with one
-hash), sized from the number of stored keys at 128 bits each (16 MB for 1M keys, at
-most 32 MB):
+to the table. `SeenKeys` is a Bloom filter: a bitmap of 128 bits per stored key (16 MB
+for 1M keys, at most 32 MB), three bits set per key read, placed by the key's hash
+times a multiplier drawn for each pass:
 - a key the pass read is never reported as unseen;
-- a key it did not read is reported with probability 1 - fill, at least 99% up to 2M
-  keys (about 97% at 10M). One that is missed is found by a later pass: each pass
-  draws a new salt, so the same key is not missed twice in a row but by chance.
-The caller confirms the unseen keys with the source (a row may have arrived since its
-range was read); so the bitmap only narrows the question, it never answers it.
+- a key it did not read is reported but for a chance of (1 - e^(-3/128))^3, about 1 in
+  80,000 up to 2M stored keys (1 in 800 at 10M, where the bitmap stops growing). One that
+  is missed is found by a later pass, where its bits lie elsewhere.
+A removal is recorded only for an unseen key that the source then confirms absent (a row
+may have arrived since its range was read): the bitmap narrows the question to those.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ __all__ = ["SeenKeys"]
 BITS_PER_KEY = 128
 MIN_BITS = 1 << 16
 MAX_BITS = 1 << 28  # 32 MB
+_BITS_64 = (1 << 64) - 1
 
 
 class SeenKeys:
@@ -31,22 +32,37 @@ class SeenKeys:
         bits = MIN_BITS
         while bits < expected * BITS_PER_KEY and bits < MAX_BITS:
             bits <<= 1
+        self._shift = 64 - (bits.bit_length() - 1)  # the first position: the top bits of the mixed hash
         self._mask = bits - 1
         self._bits = bytearray(bits // 8)
-        self._salt = random.getrandbits(64)  # a new one every pass: a key missed once is not missed again for the same reason
+        self._salt = random.getrandbits(64) | 1  # a new odd multiplier every pass: other positions for every key
+
+    # Three positions from one hash (Kirsch and Mitzenmacher): h1, h1 + h2, h1 + 2 h2, with
+    # h1 the top bits and h2 the low bits of the key's hash times the pass's multiplier;
+    # written out in both loops, which run once per key of the table.
 
     def add(self, keys: Iterable[str]) -> None:
-        bits, mask, salt = self._bits, self._mask, self._salt
+        bits, mask, shift, salt = self._bits, self._mask, self._shift, self._salt
         for key in keys:
-            position = hash((salt, key)) & mask
-            bits[position >> 3] |= 1 << (position & 7)
+            value = (hash(key) * salt) & _BITS_64
+            first, step = value >> shift, (value & mask) | 1
+            second, third = (first + step) & mask, (first + 2 * step) & mask
+            bits[first >> 3] |= 1 << (first & 7)
+            bits[second >> 3] |= 1 << (second & 7)
+            bits[third >> 3] |= 1 << (third & 7)
 
     def unseen(self, keys: Sequence[str]) -> list[str]:
         """The keys among `keys` that the pass surely did not read."""
-        bits, mask, salt = self._bits, self._mask, self._salt
+        bits, mask, shift, salt = self._bits, self._mask, self._shift, self._salt
         out = []
         for key in keys:
-            position = hash((salt, key)) & mask
-            if not bits[position >> 3] & (1 << (position & 7)):
+            value = (hash(key) * salt) & _BITS_64
+            first, step = value >> shift, (value & mask) | 1
+            second, third = (first + step) & mask, (first + 2 * step) & mask
+            if not (
+                bits[first >> 3] & (1 << (first & 7))
+                and bits[second >> 3] & (1 << (second & 7))
+                and bits[third >> 3] & (1 << (third & 7))
+            ):
                 out.append(key)
         return out
