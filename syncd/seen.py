@@ -4,12 +4,13 @@ A reconcile finds the keys the model no longer has: those with a digest that the
 did not read. Asking the source about every stored key (an `IN (...)` lookup per 500)
 costs more than the pass itself; remembering every key read costs memory in proportion
 to the table. `SeenKeys` is a Bloom filter: a bitmap of 128 bits per stored key (16 MB
-for 1M keys, at most 32 MB), three bits set per key read, placed by the key's hash
+for 1M keys, at most 32 MB), two bits set per key read, placed by the key's hash
 times a multiplier drawn for each pass:
 - a key the pass read is never reported as unseen;
-- a key it did not read is reported but for a chance of (1 - e^(-3/128))^3, about 1 in
-  80,000 up to 2M stored keys (1 in 800 at 10M, where the bitmap stops growing). One that
-  is missed is found by a later pass, where its bits lie elsewhere.
+- a key it did not read is reported but for a chance of (1 - e^(-2/128))^2, about 1 in
+  4,000 up to 2M stored keys (1 in 190 at 10M, where the bitmap stops growing). One that
+  is missed is found by a later pass, where its bits lie elsewhere. (A third bit would
+  make that 1 in 80,000 and cost a 1M-row reconcile a quarter of its speed.)
 A removal is recorded only for an unseen key that the source then confirms absent (a row
 may have arrived since its range was read): the bitmap narrows the question to those.
 """
@@ -37,19 +38,18 @@ class SeenKeys:
         self._bits = bytearray(bits // 8)
         self._salt = random.getrandbits(64) | 1  # a new odd multiplier every pass: other positions for every key
 
-    # Three positions from one hash (Kirsch and Mitzenmacher): h1, h1 + h2, h1 + 2 h2, with
-    # h1 the top bits and h2 the low bits of the key's hash times the pass's multiplier;
-    # written out in both loops, which run once per key of the table.
+    # Two positions from the key's hash times the pass's multiplier: the product's top bits
+    # and its bits 8-35 (disjoint from the top even at the largest size; the lowest bits of
+    # a product depend only on the lowest of the hash). Written out in both loops, which
+    # run once per key of the table.
 
     def add(self, keys: Iterable[str]) -> None:
         bits, mask, shift, salt = self._bits, self._mask, self._shift, self._salt
         for key in keys:
             value = (hash(key) * salt) & _BITS_64
-            first, step = value >> shift, (value & mask) | 1
-            second, third = (first + step) & mask, (first + 2 * step) & mask
+            first, second = value >> shift, (value >> 8) & mask
             bits[first >> 3] |= 1 << (first & 7)
             bits[second >> 3] |= 1 << (second & 7)
-            bits[third >> 3] |= 1 << (third & 7)
 
     def unseen(self, keys: Sequence[str]) -> list[str]:
         """The keys among `keys` that the pass surely did not read."""
@@ -57,12 +57,7 @@ class SeenKeys:
         out = []
         for key in keys:
             value = (hash(key) * salt) & _BITS_64
-            first, step = value >> shift, (value & mask) | 1
-            second, third = (first + step) & mask, (first + 2 * step) & mask
-            if not (
-                bits[first >> 3] & (1 << (first & 7))
-                and bits[second >> 3] & (1 << (second & 7))
-                and bits[third >> 3] & (1 << (third & 7))
-            ):
+            first, second = value >> shift, (value >> 8) & mask
+            if not (bits[first >> 3] & (1 << (first & 7)) and bits[second >> 3] & (1 << (second & 7))):
                 out.append(key)
         return out

@@ -21,7 +21,7 @@ def test_keys_the_pass_did_not_read_are_reported_but_for_a_small_share() -> None
     seen.add(read)
     unseen = seen.unseen(read + gone)
     assert set(unseen) <= set(gone)
-    assert len(unseen) >= 0.999 * len(gone)  # three bits per key: about 1 in 80,000 is missed
+    assert len(unseen) >= 0.999 * len(gone)  # two bits per key: about 1 in 4,000 is missed
 
 
 def test_each_pass_misses_other_keys() -> None:
