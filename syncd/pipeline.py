@@ -261,10 +261,10 @@ class Committer:
 
     The database does its work (SQLite releases the GIL while it writes) while the sync
     thread reads and maps the next batches. Commits still happen only after the ACK and
-    in read order; the queue is short, so the state never falls far behind, and
-    `close()` waits for the last commit and re-raises any failure (LeaseLost included);
-    `wait_uncommitted` lets the pipeline hold back the next batch while too many
-    acknowledged ones wait for their commit.
+    in read order. It counts what is queued or being written: the pipeline waits on that
+    count (`wait_uncommitted`) before it sends another batch, so the state never falls
+    more than `max_in_flight` batches behind, and `flush()` waits for it to reach 0.
+    `close()` waits for the last commit and re-raises any failure (LeaseLost included).
     After a failed commit nothing more is written, not even batches answered later: their
     position lies past the batches that failed to commit.
     When commits queue up (a backfill), the waiting ones go into one transaction: they
@@ -297,8 +297,7 @@ class Committer:
 
     def flush(self) -> None:
         """Wait until everything queued so far is committed."""
-        self._queue.join()
-        self._raise()
+        self.wait_uncommitted(at_most=0)
 
     def close(self) -> None:
         self._queue.put(None)
@@ -316,7 +315,6 @@ class Committer:
         while not closing:
             item = self._queue.get()
             if item is None:
-                self._queue.task_done()
                 return
             taken = 1
             while not closing:  # take what else is waiting into the same transaction
@@ -337,8 +335,6 @@ class Committer:
             with self._committed:
                 self._uncommitted -= taken - closing  # the closing None was never counted
                 self._committed.notify_all()
-            for _ in range(taken):
-                self._queue.task_done()
 
 
 class Handover(Protocol):

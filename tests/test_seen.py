@@ -25,7 +25,7 @@ def test_keys_the_pass_did_not_read_are_reported_but_for_a_small_share() -> None
 
 
 def test_each_pass_misses_other_keys() -> None:
-    """A key taken for seen by chance in one pass is found by the next (a new salt)."""
+    """A key taken for seen by chance in one pass is found by the next (a new multiplier)."""
     read = [str(n) for n in range(20_000)]
     gone = [f"gone-{n}" for n in range(20_000)]
     missed = []
