@@ -233,7 +233,7 @@ class _Run(Generic[B]):
         outcome = self.policy(answers)
         if self.pipeline._due(outcome):
             outcome.lease = self.lease  # fenced by owner and generation; renews the lease
-            committer.commit(outcome)
+            committer.commit(outcome, batches=len(answers))
 
 
 def _submit(pool: ThreadPoolExecutor, send: Callable[[B], DeliveryResult], batch: B) -> Future[DeliveryResult]:
@@ -261,9 +261,10 @@ class Committer:
 
     The database does its work (SQLite releases the GIL while it writes) while the sync
     thread reads and maps the next batches. Commits still happen only after the ACK and
-    in read order. It counts what is queued or being written: the pipeline waits on that
-    count (`wait_uncommitted`) before it sends another batch, so the state never falls
-    more than `max_in_flight` batches behind, and `flush()` waits for it to reach 0.
+    in read order. It counts the batches queued or being written (one outcome may carry
+    several): the pipeline waits on that count (`wait_uncommitted`) before it sends
+    another batch, so the state never falls more than `max_in_flight` batches behind, and
+    `flush()` waits for it to reach 0.
     `close()` waits for the last commit and re-raises any failure (LeaseLost included).
     After a failed commit nothing more is written, not even batches answered later: their
     position lies past the batches that failed to commit.
@@ -273,8 +274,8 @@ class Committer:
 
     def __init__(self, commit: Callable[[BatchOutcome], None], *, name: str) -> None:
         self._commit = commit
-        self._queue: queue.Queue[BatchOutcome | None] = queue.Queue()
-        self._uncommitted = 0  # queued or being written
+        self._queue: queue.Queue[tuple[BatchOutcome, int] | None] = queue.Queue()
+        self._uncommitted = 0  # batches queued or being written
         self._committed = threading.Condition()
         self._error: BaseException | None = None
         self._raised = False
@@ -282,15 +283,15 @@ class Committer:
         self._thread = threading.Thread(target=context.run, args=(self._run,), name=name, daemon=True)
         self._thread.start()
 
-    def commit(self, outcome: BatchOutcome) -> None:
-        """Queue one outcome."""
+    def commit(self, outcome: BatchOutcome, *, batches: int = 1) -> None:
+        """Queue one outcome, the answer to `batches` batches."""
         self._raise()
         with self._committed:
-            self._uncommitted += 1
-        self._queue.put(outcome)
+            self._uncommitted += batches
+        self._queue.put((outcome, batches))
 
     def wait_uncommitted(self, *, at_most: int) -> None:
-        """Wait until at most `at_most` outcomes are queued or being written (or a commit failed)."""
+        """Wait until at most `at_most` batches are queued or being written (or a commit failed)."""
         with self._committed:
             self._committed.wait_for(lambda: self._uncommitted <= at_most or self._error is not None)
         self._raise()
@@ -313,27 +314,26 @@ class Committer:
     def _run(self) -> None:
         closing = False
         while not closing:
-            item = self._queue.get()
-            if item is None:
+            first = self._queue.get()
+            if first is None:
                 return
-            taken = 1
+            item, taken = first
             while not closing:  # take what else is waiting into the same transaction
                 try:
                     more = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                taken += 1
                 if more is None:
                     closing = True
                 else:
-                    item = item.then(more)
+                    item, taken = item.then(more[0]), taken + more[1]
             if self._error is None:  # after a failure nothing more may commit
                 try:
                     self._commit(item)
                 except BaseException as error:  # handed to the sync thread
                     self._error = error
             with self._committed:
-                self._uncommitted -= taken - closing  # the closing None was never counted
+                self._uncommitted -= taken
                 self._committed.notify_all()
 
 

@@ -177,6 +177,27 @@ def test_a_crash_resends_only_what_was_acknowledged_and_not_yet_committed():
     assert 0 < len(resent) <= 2
 
 
+def test_a_batch_is_in_flight_until_committed_also_when_answers_come_together():
+    """DESIGN §3 again, when one commit carries several answered batches: sent and not yet
+    committed never exceeds max_in_flight (counting outcomes instead of batches let a third out)."""
+    sync = make_sync(12, batch=1, in_flight=2)
+    for n in range(1, 12, 2):
+        sync.api.hold(str(n), until=str(n + 1))  # answers come in pairs: one outcome of two batches
+    commit_batch = sync.state.commit_batch
+
+    def slow_commit(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.05)
+        return commit_batch(*args, **kwargs)
+
+    sync.state.commit_batch = slow_commit  # type: ignore[method-assign]
+    uncommitted: list[int] = []  # at each request: batches sent (this one included) and not committed
+    sync.api.on_request = lambda request: uncommitted.append(len(sync.api.requests) - len(sync.state.digests))
+
+    assert sync.cycle().outcome == "ok"
+    assert len(sync.api.acked_keys) == 12
+    assert max(uncommitted) <= 2
+
+
 def test_one_key_is_never_twice_in_flight():
     sync = make_sync(40, batch=3, in_flight=4)
     sync.cycle()
