@@ -99,6 +99,8 @@ class ModelReader(Protocol):
     def source_hash_index(self) -> int | None: ...
 
     def problems(self, *, probe_data: bool = True) -> Sequence[SchemaProblem]: ...
+    def take_bound(self) -> Bound: ...
+    def last_position(self, bound: Bound) -> Cursor | None: ...
     def has_membership(self) -> bool: ...
     def split(self, rows: Sequence[Sequence[Any]]) -> tuple[Sequence[Sequence[Any]], list[str]]: ...
     def source_hash(self, row: Sequence[Any]) -> bytes: ...
@@ -107,6 +109,9 @@ class ModelReader(Protocol):
         self, cursor: Cursor | None, batch_rows: int, on_bound: Callable[[Bound], None], *, membership: bool = False
     ) -> Iterator[Sequence[Sequence[Any]]]: ...
     def all_rows(self, batch_rows: int, *, membership: bool = False) -> Iterator[Sequence[Sequence[Any]]]: ...
+    def rows_in_key_order(
+        self, after: Any, batch_rows: int, bound: Bound, *, membership: bool = False
+    ) -> Iterator[Sequence[Sequence[Any]]]: ...
     def fingerprints(self, batch_rows: int, *, membership: bool = False) -> Iterator[list[tuple[Any, ...]]]: ...
     def rows_by_keys(self, keys: list[str], *, membership: bool = False) -> Iterator[list[Sequence[Any]]]: ...
     def existing_keys(self, keys: Sequence[str]) -> set[str]: ...
@@ -449,22 +454,72 @@ class SyncRunner:
         """Changed rows in watermark order; a big cycle is finished by a child process (`offload.py`)."""
         cursor = self.state.cursor(self.sync.name)
         report.watermark = cursor.watermark if cursor else None
+        skip_to: dict[str, Cursor] = {}
+        if cursor is None and not self._compare:
+            skip_to = self._feed_starts()
+            yield from self._whole_model(report)
+        else:
+            yield from self._changed_rows(report, cursor)
+        if self._duplicates is not None:
+            yield self._new_duplicates()
+        if self.reader.feeds:
+            yield from self._feed_changes(skip_to)
+
+    def _feed_starts(self) -> dict[str, Cursor]:
+        """Where each change feed that never ran starts when the whole model is read.
+
+        At its last row now, where reading it in full would end, without re-reading the keys
+        it names: found before the model's reads begin, those rows' changes are in what they read.
+        """
+        skip_to: dict[str, Cursor] = {}
+        for feed, reader in self.reader.feeds:
+            if self.state.feed_cursor(self.sync.name, feed.feed_id) is None:
+                position = reader.last_position(reader.take_bound())
+                if position is not None:
+                    skip_to[feed.feed_id] = position
+        return skip_to
+
+    def _whole_model(self, report: CycleReport) -> Iterator[_Batch]:
+        """A first backfill: every row below the bound in key order, the watermark set at the end.
+
+        In key order the digests are appended to the state's index, not scattered over it
+        (uuid keys), and a key's rows come together, so each batch finds the model's
+        duplicates itself. The watermark moves once, after the last batch, to the model's
+        newest row below the bound, found before the read: every row up to it is in what
+        the read sees, and a row changed since lies past it. A backfill that stops early
+        leaves its digests and no watermark: the next cycle reads in watermark order and
+        sends only what is not there yet.
+        """
+        bound = self.reader.take_bound()
+        report.bound, report.settled = bound.value, bound.settled
+        end = self.reader.last_position(bound)
+        size = self.api.max_batch_records
+        read_up_to: list[Any] = [None]  # the last key read in this process
+
+        def prepare(rows: Sequence[Sequence[Any]]) -> _Batch:
+            read_up_to[0] = rows[-1][0]
+            return self._prepare(rows, cursor=None, whole=True)
+
+        def rest(offload: Offload, last: _Batch, read: int) -> Iterator[_Batch]:
+            report.offloaded_after = read
+            with offload:
+                results = offload.batches(read_up_to[0], bound, by_key=True)
+                for _, rows_read, mapped, outside in prefetched(results, depth=OFFLOAD_AHEAD):
+                    yield self._select(mapped, rows=rows_read, cursor=None, outside=outside, whole=True)
+
+        in_process = self.reader.rows_in_key_order(None, size, bound, membership=True)
+        yield from handing_over(in_process, prepare, full=size, start=lambda batch: self._start_offload(None), rest=rest)
+        if end is not None:
+            yield _Batch(cursor=end)
+
+    def _changed_rows(self, report: CycleReport, cursor: Cursor | None) -> Iterator[_Batch]:
+        """Rows past the cursor in watermark order."""
         bounds: list[Bound] = []
 
         def on_bound(bound: Bound) -> None:
             bounds.append(bound)
             report.bound, report.settled = bound.value, bound.settled
 
-        # A first backfill reads the whole model: a feed that never ran starts where reading
-        # it in full would end, at its last row now, without re-reading the keys it names.
-        # Found before the model's reads begin, those rows' changes are in what they read.
-        skip_to: dict[str, Cursor] = {}
-        if cursor is None and not self._compare:
-            for feed, reader in self.reader.feeds:
-                if self.state.feed_cursor(self.sync.name, feed.feed_id) is None:
-                    position = reader.last_position(reader.take_bound())
-                    if position is not None:
-                        skip_to[feed.feed_id] = position
         if cursor is None and self._duplicates_possible is not False:
             # The whole model is read: one aggregate over it instead of a lookup per batch.
             self._duplicates = self.reader.duplicate_keys()
@@ -484,10 +539,6 @@ class SyncRunner:
         yield from handing_over(
             in_process, prepare, full=size, start=lambda batch: self._start_offload(batch.cursor), rest=rest
         )
-        if self._duplicates is not None:
-            yield self._new_duplicates()
-        if self.reader.feeds:
-            yield from self._feed_changes(skip_to)
 
     def _feed_changes(self, skip_to: dict[str, Cursor]) -> Iterator[_Batch]:
         """The keys each change feed names since its cursor, re-read from the model.

@@ -8,8 +8,9 @@ batches back. The parent keeps every decision about what is sent and what is com
 (digest comparison, delivery, retries, state), so no guarantee moves with the work:
 
 - the child reads below the bound the parent's cycle took, from the parent's last
-  position, in the same (watermark, key) order and chunk transactions as the parent would,
-  through the same reader (the sync's model and filter);
+  position, in the same order as the parent would, through the same reader (the sync's
+  model and filter): (watermark, key) in chunk transactions, or for a first backfill key
+  order in one statement;
 - batches arrive in read order, and the watermark still moves only after their ACKs;
 - the child is a fresh interpreter (`python -m syncd.offload`: no inherited threads, locks
   or connections, and no re-import of the parent's `__main__`), ignores SIGINT and SIGTERM
@@ -69,13 +70,16 @@ class Offload:
             self._ready = True
         return self._ready
 
-    def batches(self, after: Cursor | None, bound: Bound) -> Iterator[tuple[Cursor, int, MappedRows, list[str]]]:
+    def batches(
+        self, after: Any, bound: Bound, *, by_key: bool = False
+    ) -> Iterator[tuple[Cursor | None, int, MappedRows, list[str]]]:
         """`(position after the batch, rows read, mapped rows, keys of rows outside the model's filter)`
-        for every batch past `after`."""
+        for every batch past `after`: a cursor, or with `by_key` a key (a first backfill's
+        read in key order, as one statement; its batches have no position)."""
         if not self._ready:
             self._expect("ready")
             self._ready = True
-        self._conn.send(("read", after, bound))
+        self._conn.send(("read", after, bound, by_key))
         while True:
             kind, value = self._receive()
             if kind == "end":
@@ -134,13 +138,17 @@ def _serve(conn: Connection) -> None:
             conn.send(("error", str(error)))
             return
         conn.send(("ready", None))
-        _, after, bound = conn.recv()
+        _, after, bound, by_key = conn.recv()
         try:
-            read = reader.changed_rows(after, batch_rows, bound=bound, membership=True)
+            if by_key:
+                read = reader.rows_in_key_order(after, batch_rows, bound, membership=True, one_statement=True)
+            else:
+                read = reader.changed_rows(after, batch_rows, bound=bound, membership=True)
             for rows in prefetched(read, depth=READ_AHEAD):
                 members, outside = reader.split(rows)  # the parent decides what leaving the model means
                 mapped = map_rows(members, mapping, target=target, source_hash=reader.source_hash)
-                conn.send(("batch", (reader.position(rows[-1]), len(rows), mapped, outside)))
+                position = None if by_key else reader.position(rows[-1])
+                conn.send(("batch", (position, len(rows), mapped, outside)))
             conn.send(("end", None))
         except SourceError as error:
             conn.send(("error", str(error)))

@@ -372,7 +372,7 @@ def handing_over(
         for rows in reads:
             last = prepare(rows)
             yield last
-            if read == 0 and len(rows) == full:
+            if read == 0 and len(rows) >= full:
                 child = start(last)
             read += len(rows)
             if child is not None:

@@ -759,6 +759,63 @@ class TableReader:
             query = query.where(condition)
         yield from self._chunks(query, lambda last: None if last is None else key > last[0], batch_rows)
 
+    def rows_in_key_order(
+        self, after: Any, batch_rows: int, bound: Bound, *, membership: bool = False, one_statement: bool = False
+    ) -> Iterator[Sequence[Sequence[Any]]]:
+        """A first backfill's rows (`sync.columns`): below `bound`, past key `after` (None: all), in key order.
+
+        Batches hold `batch_rows` rows, more only when one key's rows would straddle two:
+        a key's rows always come together, so a batch finds the model's duplicates itself.
+        `one_statement` reads the rest as one query, in one snapshot held for the whole
+        read: the server then plans the model's joins once (hash joins) instead of as
+        index probes per chunk (1M SuiteCRM contacts: 8 s of reading instead of 27 s).
+        """
+        columns = self._columns()
+        wm, key = self._watermark_expr(), self.table.c[self.sync.key]
+        verdict, condition = self._model_rows(membership)
+        query = sa.select(*columns, *self._fingerprint(), *verdict).select_from(self.table).order_by(key)
+        if condition is not None:
+            query = query.where(condition)
+        if _watermark_kind(self.table.c[self.sync.watermark], self.dialect) == "time":
+            query = query.where(wm < sa.bindparam("__bound", type_=wm.type))
+        params = {"__bound": bound.value}
+        buffer: list[Sequence[Any]] = []  # read, not handed out yet
+        while True:
+            start = after
+            statement = query if after is None else query.where(key > sa.bindparam("__after", after, type_=key.type))
+            if not one_statement:
+                statement = statement.limit(CHUNK_ROWS)
+            count = 0
+            try:
+                with self.source.engine.connect() as conn, conn.begin():
+                    if one_statement and self.dialect == "postgresql":  # plan for all rows, not the first ones
+                        conn.exec_driver_sql("SET LOCAL cursor_tuple_fraction = 1")
+                    streamed = {"stream_results": True, "yield_per": max(batch_rows, FETCH_ROWS)}
+                    for rows in conn.execute(statement, params, execution_options=streamed).partitions(batch_rows):
+                        count += len(rows)
+                        buffer.extend(rows)
+                        while (cut := _key_cut(buffer, batch_rows, end=False)) is not None:
+                            batch, buffer = buffer[:cut], buffer[cut:]
+                            after = batch[-1][0]
+                            yield batch
+            except sa.exc.DBAPIError as error:
+                raise SourceError(describe_db_error(self.source, error)) from None
+            if one_statement or count < CHUNK_ROWS:
+                break
+            # A full chunk may end inside its last key's rows: the next one reads them again.
+            newest = len(buffer)
+            while newest > 0 and buffer[newest - 1][0] == buffer[-1][0]:
+                newest -= 1
+            if newest > 0:
+                after, buffer = buffer[newest - 1][0], buffer[:newest]
+            elif start != after:  # the buffer is one key's rows: read them all again
+                buffer = []
+            else:  # a chunk of one key's rows, more than a chunk holds: take them as they are
+                after = buffer[-1][0]
+        while (cut := _key_cut(buffer, batch_rows, end=True)) is not None:
+            batch, buffer = buffer[:cut], buffer[cut:]
+            yield batch
+
     def keys_after(self, cursor: Cursor | None, batch_rows: int = 5000) -> Iterator[list[Any]]:
         """Keys of the rows past `cursor` (what a `reset --to` will re-read), in batches."""
         wm, key = self._watermark_expr(), self.table.c[self.sync.key]
@@ -935,6 +992,17 @@ def prefetched(items: Iterator[_T], depth: int = 2) -> Iterator[_T]:
         close = getattr(items, "close", None)
         if close is not None:
             close()
+
+
+def _key_cut(rows: list[Sequence[Any]], size: int, *, end: bool) -> int | None:
+    """Where the first batch of `rows` (in key order) ends: after `size` rows and the rest
+    of its last key's; None while that key may go on in rows not read yet (unless `end`)."""
+    if not rows or (len(rows) <= size and not end):
+        return None
+    cut = min(size, len(rows))
+    while cut < len(rows) and rows[cut][0] == rows[cut - 1][0]:
+        cut += 1
+    return None if cut == len(rows) and not end else cut
 
 
 def shift_bound(value: Any, delta: timedelta) -> Any:

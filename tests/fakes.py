@@ -115,6 +115,30 @@ class FakeSource:
         for start in range(0, len(rows), batch_rows):
             yield rows[start : start + batch_rows]
 
+    def take_bound(self) -> Bound:
+        return Bound(self.bound)
+
+    def last_position(self, bound: Bound) -> Cursor | None:
+        rows = [row for row in self._after(None) if self.filter is None or self._read([row], False)]
+        return self.position(rows[-1]) if rows else None
+
+    def rows_in_key_order(
+        self, after: Any, batch_rows: int, bound: Bound, *, membership: bool = False
+    ) -> Iterator[Sequence[Sequence[Any]]]:
+        """Batches of `batch_rows` rows or more, never splitting a key's rows."""
+        rows = sorted(self._after(None), key=lambda row: row[0])  # the key's own order, as a database sorts it
+        rows = self._read([row for row in rows if after is None or row[0] > after], membership)
+        batch: list[Any] = []
+        for row in rows:
+            if len(batch) >= batch_rows and row[0] != batch[-1][0]:
+                self.reads += 1
+                yield batch
+                batch = []
+            batch.append(row)
+        if batch:
+            self.reads += 1
+            yield batch
+
     def fingerprints(self, batch_rows: int, *, membership: bool = False) -> Iterator[list[tuple[Any, ...]]]:
         raise NotImplementedError("only with a server-side fingerprint (source_hash_index)")
 

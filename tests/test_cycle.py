@@ -143,19 +143,43 @@ def test_batches_commit_in_read_order_even_when_a_later_ack_comes_first():
 
 
 def test_a_failed_batch_holds_the_watermark_before_it_and_later_acks_keep_their_digests():
-    sync = make_sync(5, batch=1, in_flight=2, attempts=2)
-    sync.api.fail = {"2": (500, 500)}
+    sync = make_sync(1, batch=1, in_flight=2, attempts=2)
+    assert sync.cycle().outcome == "ok"  # the first backfill; what follows is read in watermark order
+    for n in range(2, 7):
+        sync.source.put(n, n, phone=f"+4479460{n:05d}", first_name=f"name {n}")
+    sync.api.fail = {"3": (500, 500)}
 
     report = sync.cycle()
 
     assert report.outcome == "failing"
-    assert sync.state.cursor_ == Cursor(1, 1)
-    assert "2" not in sync.state.digests
-    assert {key for request in sync.api.requests for key in request.keys} == {"1", "2", "3"}  # none after it
+    assert sync.state.cursor_ == Cursor(2, 2)
+    assert "3" not in sync.state.digests
+    assert {key for request in sync.api.requests for key in request.keys} == {"1", "2", "3", "4"}  # none after it
     sync.api.fail = {}
     assert sync.cycle().outcome == "ok"
-    assert sync.state.cursor_ == Cursor(5, 5)
-    assert sorted(sync.api.acked_keys) == ["1", "2", "3", "4", "5"]  # 3 landed once: its digest was kept
+    assert sync.state.cursor_ == Cursor(6, 6)
+    assert sorted(sync.api.acked_keys) == ["1", "2", "3", "4", "5", "6"]  # 4 landed once: its digest was kept
+
+
+def test_a_first_backfill_sets_the_watermark_once_at_its_end_and_a_failed_one_resends_nothing():
+    """Read in key order, a first backfill cannot move the watermark batch by batch: it moves
+    after the last batch, to the newest row below the bound. One that fails keeps the digests
+    of what landed, so the next cycle (in watermark order) sends only the rest."""
+    sync = make_sync(5, batch=1, in_flight=2, attempts=2)
+    sync.source.put(1, 9, phone="+447946000001", first_name="newest")  # key order is not watermark order
+    sync.api.fail = {"2": (500, 500)}
+    cursors: list[Cursor | None] = []
+    sync.api.on_request = lambda request: cursors.append(sync.state.cursor_)
+
+    failed = sync.cycle()
+
+    assert failed.outcome == "failing"
+    assert set(cursors) == {None} and sync.state.cursor_ is None
+    assert set(sync.state.digests) == {"1", "3"}  # 2 failed, 3 landed beside it, nothing after
+    sync.api.fail = {}
+    assert sync.cycle().outcome == "ok"
+    assert sync.state.cursor_ == Cursor(9, 1)
+    assert sorted(sync.api.acked_keys) == ["1", "2", "3", "4", "5"]  # each landed once
 
 
 def test_a_crash_resends_only_what_was_acknowledged_and_not_yet_committed():

@@ -258,39 +258,45 @@ def test_a_key_a_change_feed_finds_twice_is_reported_and_not_pushed(suite, api, 
     assert letter.key == "3" and "duplicate key in model: 2 rows" in letter.reason
 
 
-def test_a_key_that_turns_duplicate_while_a_full_pass_reads_is_reported(
+def test_a_key_that_turns_duplicate_while_a_first_backfill_reads_is_reported(
     suite, api, state_url, tmp_path, monkeypatch
 ):
-    """A full pass looks for duplicates once, before it reads; a second row committed after
-    that look is still seen (both rows are in the read) and reported, and neither is sent."""
+    """A first backfill finds duplicates in what it reads: a key's rows come together. A
+    second row committed after its read began is not in that read; the change feed names
+    the key, its rows are read again together, and the same run reports it. Only the row
+    read while the key was unique went out, once. (SQLite lets no write in while a read
+    runs: there the row lands just before the read, which then finds both.)"""
     suite.insert([contact(i) for i in range(1, 6)])
     for i in range(1, 6):
         suite.link_email(i, f"first{i}@example.com")
-    config = config_for(suite, api.url, state_url, tmp_path, model=DUPLICATING)
+    config = config_for(suite, api.url, state_url, tmp_path, model=DUPLICATING, tables=FEEDS)
+    sqlite = suite.engine.dialect.name == "sqlite"
     looked: list[str] = []
 
-    def after(conn, cursor, statement, parameters, context, executemany) -> None:
-        if "GROUP BY" in statement.upper() and "email_addr_bean_rel" in statement and not looked:
-            looked.append(statement)  # the pass's look for duplicates has run: now the second row
+    def duplicate_once(statement: str, when: str) -> None:
+        reads_model = "ORDER BY M.ID LIMIT" in " ".join(statement.upper().split())  # in key order: the backfill
+        if reads_model and when == ("before" if sqlite else "after") and not looked:
+            looked.append(statement)
             second_address(suite, 3)
 
     create_engine = sa.create_engine
 
-    def listening(*args, **kwargs):  # every engine syncd creates (the source's among them) gets the listener
+    def listening(*args, **kwargs):  # every engine syncd creates (the source's among them) gets the listeners
         created = create_engine(*args, **kwargs)
-        sa.event.listen(created, "after_cursor_execute", after)
+        sa.event.listen(created, "before_cursor_execute", lambda *a: duplicate_once(a[2], "before"))
+        sa.event.listen(created, "after_cursor_execute", lambda *a: duplicate_once(a[2], "after"))
         return created
 
     monkeypatch.setattr(sa, "create_engine", listening)
     assert once(config) == 0
     monkeypatch.undo()
-    assert looked, "the full pass did not look for duplicate keys before reading"
-    assert pushed_records(api) == 4
-    api.wait_inserted("1466", 4)
-    assert phone(3) not in stored(api, "msisdn")
+    assert looked, "the first backfill's read was not seen"
+    assert pushed_records(api) == (4 if sqlite else 5)
     letters = StateStore(state_url).dead_letters("contacts")
     assert {letter.key for letter in letters} == {"3"}
     assert all("duplicate key in model: 2 rows" in letter.reason for letter in letters)
+    assert once(config) == 0
+    assert pushed_records(api) == (4 if sqlite else 5)  # reported, not sent back and forth
 
 
 def test_check_verifies_a_query_model_by_data_without_index_advice(suite, api, tmp_path, capfd):

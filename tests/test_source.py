@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from syncd.config import SourceConfig, SyncConfig
-from syncd.source import Source, SourceError
+from syncd.source import Bound, Source, SourceError
 from syncd.values import Cursor
 
 from .crm import Crm, contact, once, pushed_records, stored
@@ -100,6 +100,33 @@ def test_keyset_cursor_continues_inside_a_run_of_equal_watermarks(source_url):
     assert [row[0] for row in rows] == list(range(1, 11))
     after_four = reader.position(rows[3])
     assert [row[0] for row in read_all(reader, after_four, batch=3)] == list(range(5, 11))
+    crm.dispose()
+
+
+@pytest.mark.parametrize("one_statement", [False, True])
+def test_a_first_backfill_reads_in_key_order_and_never_splits_a_key(source_url, monkeypatch, one_statement):
+    """Keys 1-20 with 3, 7 and 8 twice (a view that joins), read in chunks of 8 rows and
+    batches of 3: every row once, in key order, below the bound only, and a key's rows in
+    one batch even where a chunk or a batch ends among them."""
+    crm = Crm(source_url)
+    crm.insert([contact(i) for i in range(1, 21)], stamp=crm.stamp(age=timedelta(minutes=1)))
+    crm.insert([contact(21)])  # newer than the bound below
+    doubled = " UNION ALL ".join(f"SELECT id, first_name, updated_at FROM contacts WHERE id = {i}" for i in (3, 7, 8))
+    query = f"SELECT id, first_name, updated_at FROM contacts UNION ALL {doubled}"
+    monkeypatch.setattr("syncd.source.CHUNK_ROWS", 8)  # the first chunk ends between the rows of 7
+    sync = query_sync(query, fields={"firstname": "first_name"})
+    reader = Source("crm", SourceConfig(url=source_url)).reader(sync)
+    bound = Bound(crm.stamp(age=timedelta(seconds=30)))
+
+    batches = [[row[0] for row in rows] for rows in reader.rows_in_key_order(None, 3, bound, one_statement=one_statement)]
+
+    assert [key for batch in batches for key in batch] == [1, 2, 3, 3, 4, 5, 6, 7, 7, 8, 8, *range(9, 21)]
+    assert all(len(batch) >= 3 for batch in batches[:-1])
+    for key in (3, 7, 8):
+        assert [batch.count(key) for batch in batches if key in batch] == [2]
+    rest = reader.rows_in_key_order(8, 3, bound, one_statement=one_statement)
+    assert [row[0] for rows in rest for row in rows] == list(range(9, 21))
+    reader.source.dispose()
     crm.dispose()
 
 
