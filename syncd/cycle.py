@@ -6,7 +6,8 @@ what it means for the sync (DESIGN.md §2, §3, §5, §6); `pipeline.py` moves t
 answers into outcomes. Its collaborators are the protocols below (`ModelReader`,
 `CycleState`, `PushClient`), so every rule can be tested over in-memory fakes.
 - a batch's watermark, digests and push rows are one `BatchOutcome`, committed after the
-  API acknowledged it; the watermark moves to the last batch before the first failure;
+  API acknowledged it; the watermark moves to the last batch before the first failure
+  (a first backfill reads in key order and moves it once, after its last batch);
 - a row whose mapped payload equals the last acknowledged one is not sent;
 - within one cycle a key appears once, and cycles of one sync never overlap, so two
   versions of one key are never in flight together;
