@@ -67,6 +67,7 @@ AUTH_BACKOFF_START = timedelta(seconds=5)
 AUTH_BACKOFF_MAX = timedelta(minutes=5)
 FINGERPRINT_ROWS = 5_000  # keys compared per state lookup in a reconcile
 OFFLOAD_AHEAD = 8  # batches a child process may map ahead of the sync thread
+FEED_ROWS = 5_000  # change-feed rows read at a time; their model rows go out without a barrier between
 QUIET_FULL_CYCLE_S = 300.0  # a quiet sync's full cycle (status row, dead-letter gauge) at least this often
 _UNREAD = object()
 NAMED_IN_LOG = 20  # trans_ids and dead-lettered keys the cycle line names; the rest are in the state db
@@ -544,30 +545,42 @@ class SyncRunner:
     def _feed_changes(self, skip_to: dict[str, Cursor]) -> Iterator[_Batch]:
         """The keys each change feed names since its cursor, re-read from the model.
 
-        Each feed batch waits for the one before to be answered and committed: a key may
-        come up again in the next one, and its digest must be there to compare with.
+        A feed is read `FEED_ROWS` rows at a time; their keys, each once, are re-read and
+        sent in batches that may be in flight together. The next read waits until those
+        were answered and committed: a key may come up again in it, and its digest must be
+        there to compare with (and two versions of a key are never in flight together).
         A feed in `skip_to` moves there instead (the whole model was just read, every
         batch of it answered and committed: this is reached only then).
         """
         yield _Batch(cursor=None, barrier=True)  # the model's changes are in; so are their digests
         self._compare = True  # a first backfill has stored its digests now
+        size = self.api.max_batch_records
         for feed, reader in self.reader.feeds:
             if feed.feed_id in skip_to:
                 yield _Batch(cursor=None, feed=(feed.feed_id, skip_to[feed.feed_id]), barrier=True)
                 continue
             cursor = self.state.feed_cursor(self.sync.name, feed.feed_id)
-            for rows in reader.changed_rows(cursor, self.api.max_batch_records):
+            for rows in reader.changed_rows(cursor, FEED_ROWS):
                 keys = list(dict.fromkeys(key_text(row[0]) for row in rows if row[0] is not None))
                 found: set[str] = set()
-                for model_rows in self.reader.rows_by_keys(keys, membership=True) if keys else ():
+                for model_rows in prefetched(self._rows_of(keys, size)):  # the next lookup runs while this batch goes out
                     found.update(key_text(row[0]) for row in model_rows)
                     yield self._prepare(model_rows, cursor=None, whole=True)
-                last = _Batch(cursor=None, feed=(feed.feed_id, reader.position(rows[-1])), barrier=True)
                 missing = [key for key in keys if key not in found]
-                if missing:  # a key the model does not have: nothing, unless it was sent before
-                    known = self.state.known_digests(self.sync.name, missing)
-                    self._leave(last, [key for key in missing if key in known], "not in the model")
-                yield last
+                gone: list[str] = []  # keys the model does not have: nothing, unless they were sent before
+                for start in range(0, len(missing), size):
+                    known = self.state.known_digests(self.sync.name, missing[start : start + size])
+                    gone.extend(key for key in missing[start : start + size] if key in known)
+                for start in range(0, len(gone), size):
+                    removal = _Batch(cursor=None)
+                    self._leave(removal, gone[start : start + size], "not in the model")
+                    yield removal
+                yield _Batch(cursor=None, feed=(feed.feed_id, reader.position(rows[-1])), barrier=True)
+
+    def _rows_of(self, keys: list[str], size: int) -> Iterator[Sequence[Sequence[Any]]]:
+        """The model's rows (with the filter's verdict) for `keys`, `size` keys at a time."""
+        for start in range(0, len(keys), size):
+            yield from self.reader.rows_by_keys(keys[start : start + size], membership=True)
 
     def _new_duplicates(self) -> _Batch:
         """Keys that a full pass's model holds twice now but did not when its read began.

@@ -401,6 +401,28 @@ def test_a_change_feed_re_reads_the_keys_it_names_and_its_cursor_moves_only_afte
     assert sync.state.feed_cursors == {"emails": Cursor(7, 2)}
 
 
+def test_a_change_feeds_keys_go_out_each_once_in_batches_in_flight_together():
+    """One read of a feed names each key twice; each key is sent once, in batches of
+    max_batch_records that are in flight together (no wait for a commit between them)."""
+    sync = make_sync(6, batch=2, in_flight=3, changes=[{"table": "emails", "key": "contact_id", "watermark": "changed"}])
+    emails = sync.source.feeds[0][1]
+    assert sync.cycle().sent == 6  # the backfill
+    for n in range(1, 7):  # changed in the other table only: the model's watermark stays
+        sync.source.put(n, n, phone=f"+4479460{n:05d}", first_name=f"changed {n}")
+        emails.rows += [(n, 10 + n), (n, 20 + n)]
+    sync.api.hold("1", until="3")  # the batch with key 1 is answered only after the one with key 3
+    before = len(sync.api.requests)
+
+    report = sync.cycle()
+
+    assert (report.outcome, report.sent) == ("ok", 6)
+    requests = [request.keys for request in sync.api.requests[before:]]
+    assert sorted(key for keys in requests for key in keys) == ["1", "2", "3", "4", "5", "6"]
+    assert all(len(keys) <= 2 for keys in requests)
+    assert sync.api.twice_in_flight == []
+    assert sync.state.feed_cursors == {"emails": Cursor(26, 6)}
+
+
 # -- the commit
 
 
